@@ -1,0 +1,24 @@
+// Seal and open one data block under a fresh per-block key (fs/FORMAT.md, "Data blocks"):
+// key = 32 random bytes, wrapped under the DEK (RFC 3394) into the slot; AES-256-GCM with a
+// zero IV (every key seals exactly one message) and AAD binding volume, file, block index and
+// DEK version, so a block moved to another offset or file, or relabelled with another DEK
+// version, does not authenticate.
+#pragma once
+
+#include "fs/metadata_page.h"
+
+namespace envelopefs {
+
+inline constexpr size_t kBlockAadSize = 48;
+using BlockAad = std::array<uint8_t, kBlockAadSize>;
+BlockAad block_aad(const VolumeId& volume, const FileId& file, uint64_t index, uint32_t dek_version);
+
+// Seals `plaintext` (<= block size) into `ciphertext` (same length); fills slot's dek_version,
+// wrapped_key and tag (the caller sets seq).
+Status seal_block(VolumeKeys& keys, const FileId& file, uint64_t index, ByteView plaintext,
+                  uint8_t* ciphertext, Slot* slot);
+// kAuthFailed if anything does not match.
+Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& slot,
+                  ByteView ciphertext, uint8_t* plaintext);
+
+}  // namespace envelopefs

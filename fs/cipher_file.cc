@@ -1,0 +1,461 @@
+#include "fs/cipher_file.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "crypto/random.h"
+
+namespace envelopefs {
+namespace {
+
+std::atomic<AuthFailureLog> g_auth_log{nullptr};
+
+}  // namespace
+
+// Everything one write-like operation changes, flushed in one ordered batch.
+struct WriteBatch {
+  std::unordered_map<uint64_t, CipherFile::Page*> dirty;
+  std::vector<IoRequest> data;
+  std::vector<std::vector<uint8_t>> buffers;
+};
+
+void CipherFile::set_auth_failure_log(AuthFailureLog log) { g_auth_log.store(log); }
+
+CipherFile::CipherFile(int fd, VolumeKeys& keys, IoBackend& io, const FileId& id, uint64_t backing)
+    : fd_(fd), keys_(keys), io_(io), layout_(keys.block_size()), id_(id),
+      size_(layout_.plaintext_size(backing)) {}
+
+Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys, IoBackend& io) {
+  FileId id;
+  ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
+  MetaPage header = MetaPage::fresh(id, 0, keys.block_size());
+  ENVELOPEFS_RETURN_IF_ERROR(header.seal(keys));
+  IoRequest req{fd, header.data(), kMetaPageSize, 0, true, 0};
+  ENVELOPEFS_RETURN_IF_ERROR(io.truncate(fd, 0));
+  ENVELOPEFS_RETURN_IF_ERROR(io.run({&req, 1}));
+  auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, kMetaPageSize));
+  f->pages_[0] = std::make_unique<Page>(Page{header, false});
+  return f;
+}
+
+Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, IoBackend& io) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return Status::Io(errno, "stat of backing file");
+  if (static_cast<uint64_t>(st.st_size) < kMetaPageSize) {
+    return Status(Code::kAuthFailed, "backing file is shorter than its header (truncated)");
+  }
+  MetaPage header;
+  IoRequest req{fd, header.data(), kMetaPageSize, 0, false, 0};
+  ENVELOPEFS_RETURN_IF_ERROR(io.run({&req, 1}));
+  if (req.done != kMetaPageSize) return Status(Code::kAuthFailed, "short header read");
+  FileId id = header.file_id();
+  ENVELOPEFS_RETURN_IF_ERROR(header.verify(keys, id, 0));
+  auto f = std::unique_ptr<CipherFile>(
+      new CipherFile(fd, keys, io, id, static_cast<uint64_t>(st.st_size)));
+  f->pages_[0] = std::make_unique<Page>(Page{header, false});
+  return f;
+}
+
+uint64_t CipherFile::size() const {
+  std::shared_lock lock(rw_);
+  return size_;
+}
+
+Status CipherFile::fail(uint64_t block, Status st) const {
+  if (st.code() == Code::kAuthFailed || st.code() == Code::kCorrupt) {
+    if (AuthFailureLog log = g_auth_log.load()) log(id_, block, st);
+  }
+  return st.prefix("file " + to_hex(id_) + " block " + std::to_string(block));
+}
+
+Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
+  // cache_mu_ is held by the caller.
+  if (auto it = pages_.find(index); it != pages_.end()) return &it->second->page;
+  if (pages_.size() >= kMaxCachedPages) {
+    std::erase_if(pages_, [](const auto& kv) { return !kv.second->dirty; });
+  }
+  auto p = std::make_unique<Page>();
+  if (index >= layout_.page_count(size_)) {
+    // Past the end of the file: whatever is there is stale; start a fresh page.
+    if (!beyond_eof_ok) return fail(index * kBlocksPerGroup, Status(Code::kInternal, "page past end of file"));
+    p->page = MetaPage::fresh(id_, index, layout_.block_size());
+  } else {
+    IoRequest req{fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), false, 0};
+    ENVELOPEFS_RETURN_IF_ERROR(io_.run({&req, 1}));
+    if (req.done != kMetaPageSize) {
+      return fail(index * kBlocksPerGroup, Status(Code::kAuthFailed, "metadata page missing (backing file truncated)"));
+    }
+    Status st = p->page.verify(keys_, id_, index);
+    if (!st.ok()) return fail(index * kBlocksPerGroup, st);
+  }
+  MetaPage* raw = &p->page;
+  pages_[index] = std::move(p);
+  return raw;
+}
+
+Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* current) {
+  Slot slots[2];
+  {
+    std::lock_guard lock(cache_mu_);
+    auto pg = page(Layout::page_of(index), false);
+    if (!pg.ok()) return pg.status();
+    slots[0] = (*pg)->slot(Layout::entry_of(index), 0);
+    slots[1] = (*pg)->slot(Layout::entry_of(index), 1);
+  }
+  *current = -1;
+  if (slots[0].empty() && slots[1].empty()) {
+    std::memset(out, 0, len);
+    return Status::Ok();
+  }
+  int newer = slots[1].empty() ? 0 : slots[0].empty() ? 1 : seq_newer(slots[1].seq, slots[0].seq) ? 1 : 0;
+  Status st;
+  for (int which : {newer, 1 - newer}) {
+    if (slots[which].empty()) continue;
+    IoRequest req{fd_, out, len, layout_.data_offset(index), false, 0};
+    ENVELOPEFS_RETURN_IF_ERROR(io_.run({&req, 1}));
+    if (req.done != len) return fail(index, Status(Code::kAuthFailed, "data block truncated"));
+    st = open_block(keys_, id_, index, slots[which], {out, len}, out);
+    if (st.ok()) {
+      *current = which;
+      return st;
+    }
+  }
+  return fail(index, st);
+}
+
+Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
+  std::shared_lock lock(rw_);
+  if (offset >= size_ || out.empty()) return size_t{0};
+  const uint64_t n = std::min<uint64_t>(out.size(), size_ - offset);
+  const uint32_t bs = layout_.block_size();
+  const uint64_t first = offset / bs, last = (offset + n - 1) / bs;
+
+  // Fast path for whole blocks: read the ciphertext straight into the caller's buffer and
+  // decrypt in place. Edge blocks go through a scratch block.
+  thread_local std::vector<uint8_t> edge;
+  edge.resize(bs);
+  struct Pending {
+    uint64_t index;
+    uint32_t len;
+    uint8_t* dst;      // where ciphertext lands and plaintext ends up
+    uint64_t skip;     // for edge blocks: bytes of the block before the caller's range
+    uint64_t copy;     // for edge blocks: bytes to copy out
+    Slot slots[2];
+  };
+  std::vector<Pending> blocks;
+  blocks.reserve(last - first + 1);
+  {
+    std::lock_guard lock2(cache_mu_);
+    for (uint64_t b = first; b <= last; ++b) {
+      auto pg = page(Layout::page_of(b), false);
+      if (!pg.ok()) return pg.status();
+      Pending p{};
+      p.index = b;
+      p.len = layout_.block_length(b, size_);
+      uint64_t bstart = b * bs;
+      uint64_t from = std::max<uint64_t>(bstart, offset), to = std::min<uint64_t>(bstart + p.len, offset + n);
+      p.skip = from - bstart;
+      p.copy = to - from;
+      bool whole = p.skip == 0 && p.copy == p.len;
+      p.dst = whole ? out.data() + (bstart - offset) : nullptr;
+      p.slots[0] = (*pg)->slot(Layout::entry_of(b), 0);
+      p.slots[1] = (*pg)->slot(Layout::entry_of(b), 1);
+      blocks.push_back(p);
+    }
+  }
+  // Edge blocks (at most two) need scratch space of their own.
+  std::vector<uint8_t> scratch;
+  size_t edges = 0;
+  for (auto& p : blocks) edges += p.dst == nullptr;
+  scratch.resize(edges * bs);
+  size_t next_edge = 0;
+  std::vector<IoRequest> reqs;
+  for (auto& p : blocks) {
+    if (p.dst == nullptr) p.dst = scratch.data() + (next_edge++) * bs;
+    if (p.slots[0].empty() && p.slots[1].empty()) continue;  // hole: no I/O
+    reqs.push_back({fd_, p.dst, p.len, layout_.data_offset(p.index), false, 0});
+  }
+  ENVELOPEFS_RETURN_IF_ERROR(io_.run(reqs));
+  size_t r = 0;
+  for (auto& p : blocks) {
+    if (p.slots[0].empty() && p.slots[1].empty()) {
+      std::memset(p.dst, 0, p.len);
+    } else {
+      if (reqs[r++].done != p.len) return fail(p.index, Status(Code::kAuthFailed, "data block truncated"));
+      int newer = p.slots[1].empty() ? 0 : p.slots[0].empty() ? 1 : seq_newer(p.slots[1].seq, p.slots[0].seq) ? 1 : 0;
+      Status st = open_block(keys_, id_, p.index, p.slots[newer], {p.dst, p.len}, p.dst);
+      if (!st.ok() && !p.slots[1 - newer].empty()) {
+        // Interrupted write: metadata landed, data did not. The older slot describes the data.
+        IoRequest again{fd_, p.dst, p.len, layout_.data_offset(p.index), false, 0};
+        ENVELOPEFS_RETURN_IF_ERROR(io_.run({&again, 1}));
+        if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[1 - newer], {p.dst, p.len}, p.dst);
+      }
+      if (!st.ok()) return fail(p.index, st);
+    }
+    uint8_t* final_dst = out.data() + (p.index * bs + p.skip - offset);
+    if (p.dst != final_dst) std::memcpy(final_dst, p.dst + p.skip, p.copy);
+  }
+  return static_cast<size_t>(n);
+}
+
+Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* plain,
+                                uint32_t last_len, const int* current, WriteBatch& batch) {
+  const uint32_t bs = layout_.block_size();
+  const uint64_t old_count = layout_.block_count(size_);
+  batch.buffers.emplace_back((count - 1) * bs + last_len);
+  uint8_t* cipher = batch.buffers.back().data();
+  std::lock_guard lock(cache_mu_);
+  for (uint64_t k = 0; k < count; ++k) {
+    const uint64_t b = first + k;
+    const uint32_t len = k + 1 == count ? last_len : bs;
+    auto pg = page(Layout::page_of(b), true);
+    if (!pg.ok()) return pg.status();
+    MetaPage& mp = **pg;
+    Page* holder = pages_[Layout::page_of(b)].get();
+    holder->dirty = true;
+    batch.dirty[Layout::page_of(b)] = holder;
+    const uint64_t e = Layout::entry_of(b);
+    if (b >= old_count) mp.clear_entry(e);  // stale slots past the old end of file
+    Slot s0 = mp.slot(e, 0), s1 = mp.slot(e, 1);
+    int target;
+    if (current[k] >= 0) target = 1 - current[k];  // keep the slot that matches the data
+    else if (s0.empty()) target = 0;
+    else if (s1.empty()) target = 1;
+    else target = seq_newer(s0.seq, s1.seq) ? 1 : 0;  // overwrite the older one
+    uint32_t top = s0.empty() ? s1.seq : s1.empty() ? s0.seq : (seq_newer(s0.seq, s1.seq) ? s0.seq : s1.seq);
+    Slot fresh;
+    fresh.seq = seq_next(top);
+    Status st = seal_block(keys_, id_, b, {plain + k * bs, len}, cipher + k * bs, &fresh);
+    if (!st.ok()) return fail(b, st);
+    mp.set_slot(e, target, fresh);
+    // Data blocks of one group are contiguous: extend the previous request when possible.
+    uint64_t off = layout_.data_offset(b);
+    if (!batch.data.empty() && batch.data.back().offset + batch.data.back().len == off &&
+        batch.data.back().buf + batch.data.back().len == cipher + k * bs) {
+      batch.data.back().len += len;
+    } else {
+      batch.data.push_back({fd_, cipher + k * bs, len, off, true, 0});
+    }
+  }
+  return Status::Ok();
+}
+
+Status CipherFile::flush(WriteBatch& batch) {
+  std::vector<IoRequest> page_reqs;
+  {
+    std::lock_guard lock(cache_mu_);
+    for (auto& [index, p] : batch.dirty) {
+      ENVELOPEFS_RETURN_IF_ERROR(p->page.seal(keys_));
+      page_reqs.push_back({fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), true, 0});
+    }
+  }
+  ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(page_reqs, batch.data));
+  std::lock_guard lock(cache_mu_);
+  for (auto& [index, p] : batch.dirty) p->dirty = false;
+  batch.dirty.clear();
+  batch.data.clear();
+  batch.buffers.clear();
+  return Status::Ok();
+}
+
+void CipherFile::abandon(WriteBatch& batch) {
+  // The cached pages may differ from the disk now; forget them, they are re-read.
+  std::lock_guard lock(cache_mu_);
+  for (auto& [index, p] : batch.dirty) pages_.erase(index);
+  batch.dirty.clear();
+}
+
+Status CipherFile::clear_entries(uint64_t from, uint64_t to, WriteBatch& batch) {
+  for (uint64_t b = from; b < to;) {
+    const uint64_t p = Layout::page_of(b);
+    const uint64_t page_end = std::min<uint64_t>(to, (p + 1) * kBlocksPerGroup);
+    {
+      std::lock_guard lock(cache_mu_);
+      auto pg = page(p, true);
+      if (!pg.ok()) return pg.status();
+      Page* holder = pages_[p].get();
+      holder->dirty = true;
+      batch.dirty[p] = holder;
+      for (; b < page_end; ++b) (*pg)->clear_entry(Layout::entry_of(b));
+    }
+    // A long sparse extension materialises many pages; write them out as we go so the cache
+    // stays bounded. Pages alone may go first: they only describe holes.
+    if (batch.dirty.size() >= 64 && batch.data.empty()) ENVELOPEFS_RETURN_IF_ERROR(flush(batch));
+  }
+  return Status::Ok();
+}
+
+Status CipherFile::resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch) {
+  const uint32_t bs = layout_.block_size();
+  const uint64_t t = (std::min(old_size, new_size) - 1) / bs;
+  std::vector<uint8_t> buf(bs, 0);
+  int current = -1;
+  ENVELOPEFS_RETURN_IF_ERROR(read_block(t, layout_.block_length(t, old_size), buf.data(), &current));
+  return write_blocks(t, 1, buf.data(), layout_.block_length(t, new_size), &current, batch);
+}
+
+Status CipherFile::write_locked(uint64_t offset, ByteView data) {
+  const uint32_t bs = layout_.block_size();
+  const uint64_t old_size = size_, end = offset + data.size();
+  const uint64_t new_size = std::max(old_size, end);
+  const uint64_t first = offset / bs, last = (end - 1) / bs;
+  const uint64_t old_count = layout_.block_count(old_size);
+  WriteBatch batch;
+  Status st;
+  // 0. Growth: claim the space first, so running out of it changes nothing.
+  if (new_size > old_size) {
+    const uint64_t from = layout_.backing_size(old_size), to = layout_.backing_size(new_size);
+    st = io_.reserve(fd_, from, to - from);
+    if (!st.ok()) return st;
+  }
+  // 1. A partial tail block that this write does not reach grows to full length.
+  if (old_size % bs != 0 && first > (old_size - 1) / bs) {
+    st = resize_tail_block(old_size, std::min<uint64_t>(new_size, ((old_size - 1) / bs + 1) * bs), batch);
+  }
+  // 2. Blocks between the old end and this write become authenticated holes.
+  if (st.ok() && first > old_count) st = clear_entries(old_count, first, batch);
+  // 3. The blocks themselves; edge blocks that hold other data are read, merged, re-sealed.
+  const uint64_t count = last - first + 1;
+  const uint32_t last_len = layout_.block_length(last, new_size);
+  std::vector<uint8_t> plain;
+  std::vector<int> current(count, -1);
+  // Blocks about to be overwritten whole whose current slot is not known: find it by reading,
+  // so the new slot never replaces the only one that matches the data on disk.
+  for (uint64_t k = 0; st.ok() && k < count; ++k) {
+    const uint64_t b = first + k;
+    if (b >= old_count || (b < verified_.size() && verified_[b])) continue;
+    const uint64_t bstart = b * bs;
+    if (offset > bstart || end < bstart + layout_.block_length(b, new_size)) continue;  // merged below
+    bool both;
+    {
+      std::lock_guard lock(cache_mu_);
+      auto pg = page(Layout::page_of(b), false);
+      if (!pg.ok()) {
+        st = pg.status();
+        break;
+      }
+      both = !(*pg)->slot(Layout::entry_of(b), 0).empty() && !(*pg)->slot(Layout::entry_of(b), 1).empty();
+    }
+    if (both) {
+      thread_local std::vector<uint8_t> probe;
+      probe.resize(bs);
+      st = read_block(b, layout_.block_length(b, old_size), probe.data(), &current[k]);
+    }
+  }
+  const uint8_t* src = nullptr;
+  if (st.ok() && offset % bs == 0 && data.size() == (count - 1) * bs + last_len) {
+    src = data.data();  // block-aligned: seal straight from the caller's buffer
+  } else if (st.ok()) {
+    plain.assign((count - 1) * bs + last_len, 0);
+    for (uint64_t k : {uint64_t{0}, count - 1}) {
+      const uint64_t b = first + k;
+      const uint64_t bstart = b * bs;
+      const uint32_t len_new = layout_.block_length(b, new_size);
+      bool covered = offset <= bstart && end >= bstart + len_new;
+      if (!covered && b < old_count) {
+        st = read_block(b, layout_.block_length(b, old_size), plain.data() + k * bs, &current[k]);
+        if (!st.ok()) break;
+      }
+      if (count == 1) break;
+    }
+    if (st.ok()) std::memcpy(plain.data() + (offset - first * bs), data.data(), data.size());
+    src = plain.data();
+  }
+  if (st.ok()) st = write_blocks(first, count, src, last_len, current.data(), batch);
+  if (st.ok()) st = flush(batch);
+  if (!st.ok()) {
+    abandon(batch);
+    if (new_size > old_size) {
+      // Take back any growth so the file's end is not a half-written block.
+      (void)io_.truncate(fd_, layout_.backing_size(old_size));
+    }
+    return st;
+  }
+  size_ = new_size;
+  if (verified_.size() < last + 1) verified_.resize(last + 1, false);
+  for (uint64_t b = first; b <= last; ++b) verified_[b] = true;
+  return Status::Ok();
+}
+
+Status CipherFile::write(uint64_t offset, ByteView data) {
+  if (data.empty()) return Status::Ok();
+  std::unique_lock lock(rw_);
+  return write_locked(offset, data);
+}
+
+Status CipherFile::truncate(uint64_t new_size) {
+  std::unique_lock lock(rw_);
+  const uint32_t bs = layout_.block_size();
+  const uint64_t old_size = size_;
+  if (new_size == old_size) return Status::Ok();
+  WriteBatch batch;
+  Status st;
+  if (new_size > old_size) {
+    if (old_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);
+    if (st.ok()) st = clear_entries(layout_.block_count(old_size), layout_.block_count(new_size), batch);
+  } else {
+    const uint64_t new_count = layout_.block_count(new_size);
+    if (new_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);
+    // Entries past the new end in the last remaining page must not come back to life.
+    const uint64_t page_end = (Layout::page_of(new_count == 0 ? 0 : new_count - 1) + 1) * kBlocksPerGroup;
+    if (st.ok()) st = clear_entries(new_count, std::min(page_end, layout_.block_count(old_size)), batch);
+  }
+  if (st.ok()) st = flush(batch);
+  if (st.ok()) st = io_.truncate(fd_, layout_.backing_size(new_size));
+  if (!st.ok()) {
+    abandon(batch);
+    return st;
+  }
+  size_ = new_size;
+  if (verified_.size() > layout_.block_count(new_size)) verified_.resize(layout_.block_count(new_size));
+  std::lock_guard lock2(cache_mu_);
+  const uint64_t pages = layout_.page_count(new_size);
+  std::erase_if(pages_, [&](const auto& kv) { return kv.first >= pages; });
+  return Status::Ok();
+}
+
+Status CipherFile::punch_hole(uint64_t offset, uint64_t len) {
+  std::unique_lock lock(rw_);
+  const uint32_t bs = layout_.block_size();
+  if (offset >= size_ || len == 0) return Status::Ok();
+  const uint64_t end = std::min(size_, offset + len);
+  const uint64_t full_first = (offset + bs - 1) / bs;
+  const uint64_t full_end = end == size_ ? layout_.block_count(size_) : end / bs;
+  // Partial blocks at either edge are rewritten with zeros in the range.
+  std::vector<uint8_t> zeros(bs, 0);
+  if (offset % bs != 0) {
+    uint64_t stop = std::min(end, (offset / bs + 1) * bs);
+    ENVELOPEFS_RETURN_IF_ERROR(write_locked(offset, {zeros.data(), stop - offset}));
+  }
+  if (end % bs != 0 && end != size_ && end / bs >= full_first) {
+    ENVELOPEFS_RETURN_IF_ERROR(write_locked(end / bs * bs, {zeros.data(), end % bs}));
+  }
+  if (full_first >= full_end) return Status::Ok();
+  WriteBatch batch;
+  Status st = clear_entries(full_first, full_end, batch);
+  if (st.ok()) st = flush(batch);
+  if (!st.ok()) {
+    abandon(batch);
+    return st;
+  }
+  // The entries say "hole" now; releasing the ciphertext is only space accounting.
+  for (uint64_t b = full_first; b < full_end;) {
+    uint64_t stop = std::min(full_end, (Layout::page_of(b) + 1) * kBlocksPerGroup);
+    uint64_t from = layout_.data_offset(b);
+    uint64_t to = layout_.data_offset(stop - 1) + layout_.block_length(stop - 1, size_);
+    (void)io_.punch_hole(fd_, from, to - from);
+    b = stop;
+  }
+  return Status::Ok();
+}
+
+Status CipherFile::sync(bool data_only) {
+  std::shared_lock lock(rw_);
+  return io_.sync(fd_, data_only);
+}
+
+}  // namespace envelopefs

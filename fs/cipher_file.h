@@ -1,0 +1,92 @@
+// One encrypted backing file seen as plaintext: read, write, truncate, punch, sync. The data
+// path of a FUSE read or write runs through here: block mapping (layout.h) → metadata page
+// (cached, authenticated) → IoBackend batch → block_codec seal/open.
+//
+// Locking: `rw_` (shared for reads, exclusive for anything that changes the file) is taken
+// before `cache_mu_`, which only guards the page cache.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <unordered_map>
+
+#include "fs/block_codec.h"
+#include "fs/io_backend.h"
+#include "fs/layout.h"
+
+namespace envelopefs {
+
+struct WriteBatch;
+
+// Called once per block that fails to authenticate (file id, block index, why).
+using AuthFailureLog = void (*)(const FileId&, uint64_t block, const Status&);
+
+class CipherFile {
+ public:
+  // Writes the header page into an empty backing file.
+  static Result<std::unique_ptr<CipherFile>> create(int fd, VolumeKeys& keys, IoBackend& io);
+  // Reads and authenticates the header page. The fd stays owned by the caller.
+  static Result<std::unique_ptr<CipherFile>> open(int fd, VolumeKeys& keys, IoBackend& io);
+
+  const FileId& id() const { return id_; }
+  uint64_t size() const;
+  int fd() const { return fd_; }
+
+  // Returns the bytes read (short only at end of file). kAuthFailed names the block.
+  Result<size_t> read(uint64_t offset, MutByteView out);
+  Status write(uint64_t offset, ByteView data);
+  Status truncate(uint64_t new_size);
+  // Makes [offset, offset+len) read as zeros without changing the size.
+  Status punch_hole(uint64_t offset, uint64_t len);
+  Status sync(bool data_only);
+
+  static void set_auth_failure_log(AuthFailureLog log);
+  static constexpr size_t kMaxCachedPages = 256;
+
+  struct Page {
+    MetaPage page;
+    bool dirty = false;  // changed in memory, not yet written; never evicted
+  };
+
+ private:
+  CipherFile(int fd, VolumeKeys& keys, IoBackend& io, const FileId& id, uint64_t backing_size);
+
+  // Loads (cached) and authenticates page `index`; cache_mu_ must be held. A page past the end
+  // of the file is stale by definition and comes back fresh (only when `beyond_eof_ok`).
+  Result<MetaPage*> page(uint64_t index, bool beyond_eof_ok);
+  // Decrypts block `index` (whose stored length is `len`) into `out`. `current` receives the
+  // slot that authenticated (-1 for a hole).
+  Status read_block(uint64_t index, uint32_t len, uint8_t* out, int* current);
+  // Seals blocks [first, first+count) from `plain` (back to back; the last one `last_len`
+  // long) into `batch`: slots in dirty pages, ciphertext as data requests. `current[k]` is the
+  // slot known to match block k's data (-1: unknown), which the new slot must not replace.
+  Status write_blocks(uint64_t first, uint64_t count, const uint8_t* plain, uint32_t last_len,
+                      const int* current, WriteBatch& batch);
+  // Writes the batch: every dirty page (sealed) strictly before any data.
+  Status flush(WriteBatch& batch);
+  void abandon(WriteBatch& batch);
+  // Makes entries [from, to) holes, materialising any pages in between (file growth).
+  Status clear_entries(uint64_t from, uint64_t to, WriteBatch& batch);
+  // Re-seals the block holding the smaller of the two sizes at its length under the new size.
+  Status resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch);
+  Status write_locked(uint64_t offset, ByteView data);
+  Status fail(uint64_t block, Status st) const;
+
+  const int fd_;
+  VolumeKeys& keys_;
+  IoBackend& io_;
+  const Layout layout_;
+  const FileId id_;
+  uint64_t size_;  // plaintext size, guarded by rw_
+  // Blocks written by this object: their newest slot is known to match their data. Any other
+  // block with two slots is checked before a full overwrite, because after a crash between a
+  // metadata write and its data write the newest slot is the stale one. Guarded by rw_.
+  std::vector<bool> verified_;
+
+  mutable std::shared_mutex rw_;
+  std::mutex cache_mu_;
+  std::unordered_map<uint64_t, std::unique_ptr<Page>> pages_;
+};
+
+}  // namespace envelopefs

@@ -1,0 +1,51 @@
+// The seam between the block format and the backing store (like LevelDB's Env): everything
+// that touches a backing file's bytes goes through an IoBackend. Two implementations here
+// (io_uring, and pread/pwrite as the fallback); tests add fault-injecting ones.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "crypto/status.h"
+
+namespace envelopefs {
+
+struct IoRequest {
+  int fd = -1;
+  uint8_t* buf = nullptr;
+  size_t len = 0;
+  uint64_t offset = 0;
+  bool write = false;
+  size_t done = 0;  // out: bytes transferred (a read stops early at end of file)
+};
+
+class IoBackend {
+ public:
+  virtual ~IoBackend() = default;
+  virtual const char* name() const = 0;
+  // Runs every request to completion; short transfers are continued, errors returned.
+  virtual Status run(std::span<IoRequest> requests) = 0;
+  // Every request in `first` completes before any request in `then` starts: metadata pages
+  // reach the file before the data they describe, so a crash leaves old or new, never neither.
+  virtual Status run_ordered(std::span<IoRequest> first, std::span<IoRequest> then) {
+    ENVELOPEFS_RETURN_IF_ERROR(run(first));
+    return run(then);
+  }
+  virtual Status sync(int fd, bool data_only) = 0;
+  virtual Status truncate(int fd, uint64_t size) = 0;
+  virtual Status punch_hole(int fd, uint64_t offset, uint64_t len) = 0;
+  // Reserves space for [offset, offset+len) without changing the file size, so a growing
+  // write reports ENOSPC before it has changed anything. A backing filesystem without
+  // fallocate is not an error.
+  virtual Status reserve(int fd, uint64_t offset, uint64_t len) = 0;
+};
+
+std::unique_ptr<IoBackend> make_posix_backend();
+// nullptr (and `why` filled in) where io_uring is not available or not permitted.
+std::unique_ptr<IoBackend> make_uring_backend(std::string* why);
+// io_uring when `prefer_uring` and available, else pread/pwrite with one log line on stderr.
+std::unique_ptr<IoBackend> make_io_backend(bool prefer_uring);
+
+}  // namespace envelopefs

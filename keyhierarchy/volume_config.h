@@ -1,0 +1,58 @@
+// envelopefs.conf: the volume config at the cipher dir root. JSON; byte layout and meaning in
+// keyhierarchy/KEYS.md. Parsing here is structural only; the MAC is checked by VolumeKeys once
+// the DEK is unwrapped (the MAC key is derived from the active DEK).
+#pragma once
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "crypto/bytes.h"
+#include "crypto/kdf.h"
+#include "crypto/status.h"
+
+namespace envelopefs {
+
+inline constexpr char kConfigFileName[] = "envelopefs.conf";
+inline constexpr uint32_t kFormatVersion = 1;
+
+using VolumeId = std::array<uint8_t, 16>;
+
+enum class DekState { kActive, kRetired };
+
+struct DekRecord {
+  uint32_t version = 0;
+  DekState state = DekState::kActive;
+  Bytes wrapped;
+  std::string created;  // ISO 8601 UTC
+};
+
+struct VolumeConfig {
+  uint32_t format_version = kFormatVersion;
+  VolumeId volume_id{};
+  uint32_t block_size = 4096;
+  std::string root_uri;
+  nlohmann::json root_params = nlohmann::json::object();
+  std::vector<DekRecord> deks;
+  Bytes wrapped_name_key;
+  std::vector<std::string> features;  // none known in version 1; unknown ones are refused
+  Mac256 mac{};
+
+  const DekRecord* active_dek() const;
+
+  static Result<VolumeConfig> parse(std::string_view text);
+  // The canonical bytes the MAC covers: the JSON without the "mac" member, keys sorted.
+  std::string mac_input() const;
+  std::string serialize() const;
+};
+
+Status validate_block_size(uint64_t block_size);
+
+// Reads CIPHERDIR/envelopefs.conf. kNotFound if there is no volume there.
+Result<VolumeConfig> load_config(const std::string& cipher_dir);
+// Atomic replace: temp file, fsync, rename, fsync of the directory.
+Status save_config(const std::string& cipher_dir, const VolumeConfig& config);
+
+}  // namespace envelopefs

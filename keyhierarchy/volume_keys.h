@@ -1,0 +1,66 @@
+// The unwrapped keys of an open volume, all in locked memory: each DEK version with its
+// per-block key wrapper and metadata-page MAC, and the name cipher. Created only by
+// open_volume()/create_volume(), after the config MAC has been checked.
+#pragma once
+
+#include <map>
+#include <memory>
+
+#include "crypto/key_wrap.h"
+#include "crypto/kdf.h"
+#include "crypto/name_cipher.h"
+#include "keyhierarchy/root_provider.h"
+#include "keyhierarchy/volume_config.h"
+
+namespace envelopefs {
+
+struct Dek {
+  Dek(uint32_t v, const SecretBytes& dek, const SecretBytes& page_mac_key)
+      : version(v), wrapper(dek), page_mac(page_mac_key) {}
+  const uint32_t version;
+  KeyWrapper wrapper;   // wraps the per-block keys (RFC 3394)
+  HmacSha256 page_mac;  // HMAC key derived from this DEK, authenticates metadata pages
+};
+
+class VolumeKeys {
+ public:
+  const VolumeId& volume_id() const { return volume_id_; }
+  uint32_t block_size() const { return block_size_; }
+  uint32_t active_version() const { return active_; }
+  Dek& active() { return *deks_.at(active_); }
+  Dek* dek(uint32_t version) {
+    auto it = deks_.find(version);
+    return it == deks_.end() ? nullptr : it->second.get();
+  }
+  const NameCipher& names() const { return *names_; }
+
+ private:
+  friend class VolumeKeysBuilder;
+  VolumeId volume_id_{};
+  uint32_t block_size_ = 0;
+  uint32_t active_ = 0;
+  std::map<uint32_t, std::unique_ptr<Dek>> deks_;
+  std::unique_ptr<NameCipher> names_;
+};
+
+struct OpenedVolume {
+  VolumeConfig config;
+  std::unique_ptr<RootKeyProvider> provider;
+  std::unique_ptr<VolumeKeys> keys;
+};
+
+struct CreateOptions {
+  std::string root_uri;  // empty: file:<default_root_key_path()>
+  uint32_t block_size = 4096;
+  ProviderOptions provider;
+};
+
+// Writes a new envelopefs.conf into `cipher_dir` (which must exist and be empty).
+Result<OpenedVolume> create_volume(const std::string& cipher_dir, const CreateOptions& options);
+// Loads and verifies the config, unwraps every DEK version and the name key. Fails closed.
+Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOptions& options);
+
+// The associated data of a root wrap (labels.h + volume id + version); public for tests.
+Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);
+
+}  // namespace envelopefs
