@@ -45,6 +45,9 @@ Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys,
 Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, IoBackend& io) {
   struct stat st;
   if (fstat(fd, &st) != 0) return Status::Io(errno, "stat of backing file");
+  // An empty backing file is one whose creation was cut short before the header landed:
+  // it is an empty file. Anything else shorter than the header was cut by someone else.
+  if (st.st_size == 0) return create(fd, keys, io);
   if (static_cast<uint64_t>(st.st_size) < kMetaPageSize) {
     return Status(Code::kAuthFailed, "backing file is shorter than its header (truncated)");
   }

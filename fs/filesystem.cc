@@ -1,0 +1,612 @@
+#include "fs/filesystem.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+
+#include "fs/log.h"
+
+namespace envelopefs {
+namespace {
+
+std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+
+Status errno_status(const char* what) { return Status::Io(errno, what); }
+
+// Closes a descriptor when the scope ends.
+struct FdGuard {
+  int fd;
+  ~FdGuard() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+}  // namespace
+
+Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
+                       std::unique_ptr<IoBackend> io, FsOptions options)
+    : cipher_dir_(std::move(cipher_dir)),
+      config_(std::move(volume.config)),
+      provider_(std::move(volume.provider)),
+      keys_(std::move(volume.keys)),
+      io_(std::move(io)),
+      options_(options),
+      inodes_(root_fd),
+      layout_(keys_->block_size()),
+      as_root_(geteuid() == 0) {}
+
+Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
+  auto i = inodes_.get(ino);
+  if (!i) return Status::Io(ESTALE, "unknown inode " + std::to_string(ino));
+  return i;
+}
+
+Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
+  std::lock_guard lock(dir.mu);
+  if (dir.nonce) return *dir.nonce;
+  if (dir.type != S_IFDIR) return Status::Io(ENOTDIR, "not a directory");
+  auto n = read_dir_nonce(dir.fd);
+  if (!n.ok()) return n.status();
+  dir.nonce = *n;
+  return *n;
+}
+
+Result<int> Filesystem::open_dir_fd(Inode& dir) {
+  int fd = openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno_status("open backing directory");
+  return fd;
+}
+
+Status Filesystem::stat_inode(Inode& inode, struct stat* out) {
+  if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+  if (S_ISREG(out->st_mode)) {
+    std::shared_ptr<OpenFile> open;
+    {
+      std::lock_guard lock(inode.mu);
+      open = inode.open;
+    }
+    uint64_t backing = static_cast<uint64_t>(out->st_size);
+    out->st_size = static_cast<off_t>(open ? open->file->size()
+                                           : backing < kMetaPageSize ? 0 : layout_.plaintext_size(backing));
+  } else if (S_ISLNK(out->st_mode)) {
+    std::string t;
+    if (readlink(inode.id, &t).ok()) out->st_size = static_cast<off_t>(t.size());
+  }
+  out->st_blksize = static_cast<blksize_t>(keys_->block_size());
+  return Status::Ok();
+}
+
+Status Filesystem::make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
+                              bool fresh) {
+  int fd = openat(dir_fd, backing.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno_status("open");
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int err = errno;
+    close(fd);
+    return Status::Io(err, "stat");
+  }
+  auto inode = inodes_.adopt(fd, st, parent);
+  if (fresh) {
+    std::lock_guard lock(inode->mu);
+    inode->entry_unsynced = true;
+  }
+  out->ino = inode->id;
+  Status s = stat_inode(*inode, &out->attr);
+  if (!s.ok()) inodes_.forget(inode->id, 1);
+  return s;
+}
+
+Status Filesystem::own(int dir_fd, const std::string& backing, Caller who) {
+  if (!as_root_) return Status::Ok();
+  if (fchownat(dir_fd, backing.c_str(), who.uid, who.gid, AT_SYMLINK_NOFOLLOW) != 0) {
+    return errno_status("chown");
+  }
+  return Status::Ok();
+}
+
+Status Filesystem::lookup(uint64_t parent, const char* name, Entry* out) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  if (std::strlen(name) > kMaxPlainName) return Status::Io(ENAMETOOLONG, "name");
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  return make_entry(parent, (*dir)->fd, bn->entry, out, false);
+}
+
+Status Filesystem::getattr(uint64_t ino, struct stat* out) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  return stat_inode(**i, out);
+}
+
+Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, struct stat* out) {
+  auto ip = inode(ino);
+  if (!ip.ok()) return ip.status();
+  Inode& i = **ip;
+  const bool is_link = i.type == S_IFLNK;
+  if ((to_set & (1 << 0)) && !is_link) {  // FUSE_SET_ATTR_MODE
+    if (fchmodat(AT_FDCWD, proc_path(i.fd).c_str(), attr.st_mode & 07777, 0) != 0) return errno_status("chmod");
+  }
+  if (to_set & ((1 << 1) | (1 << 2))) {  // FUSE_SET_ATTR_UID / GID
+    uid_t uid = (to_set & (1 << 1)) ? attr.st_uid : static_cast<uid_t>(-1);
+    gid_t gid = (to_set & (1 << 2)) ? attr.st_gid : static_cast<gid_t>(-1);
+    if (fchownat(i.fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("chown");
+  }
+  if (to_set & (1 << 3)) {  // FUSE_SET_ATTR_SIZE
+    if (i.type != S_IFREG) return Status::Io(EINVAL, "truncate of a non-regular file");
+    auto of = open_file(i);
+    if (!of.ok()) return of.status();
+    Status st = (*of)->file->truncate(static_cast<uint64_t>(attr.st_size));
+    release(ino);
+    ENVELOPEFS_RETURN_IF_ERROR(st);
+  }
+  // FUSE_SET_ATTR_ATIME(4) MTIME(5) ATIME_NOW(7) MTIME_NOW(8)
+  if ((to_set & ((1 << 4) | (1 << 5) | (1 << 7) | (1 << 8))) && !is_link) {
+    struct timespec ts[2];
+    ts[0].tv_nsec = ts[1].tv_nsec = UTIME_OMIT;
+    if (to_set & (1 << 7)) ts[0].tv_nsec = UTIME_NOW;
+    else if (to_set & (1 << 4)) ts[0] = attr.st_atim;
+    if (to_set & (1 << 8)) ts[1].tv_nsec = UTIME_NOW;
+    else if (to_set & (1 << 5)) ts[1] = attr.st_mtim;
+    if (utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0) != 0) return errno_status("utimens");
+  }
+  return stat_inode(i, out);
+}
+
+Status Filesystem::readlink(uint64_t ino, std::string* target) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  char buf[PATH_MAX + 1];
+  ssize_t n = readlinkat((*i)->fd, "", buf, sizeof buf - 1);
+  if (n < 0) return errno_status("readlink");
+  auto t = decrypt_symlink(*keys_, std::string_view(buf, static_cast<size_t>(n)));
+  if (!t.ok()) return t.status();
+  *target = std::move(t).value();
+  return Status::Ok();
+}
+
+Status Filesystem::mknod(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,
+                         Entry* out) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  int pfd = (*dir)->fd;
+  if (bn->is_long()) {
+    auto dfd = open_dir_fd(**dir);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
+  }
+  if (S_ISREG(mode)) {
+    int fd = openat(pfd, bn->entry.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode & 07777);
+    if (fd < 0) return errno_status("create");
+    FdGuard g{fd};
+    auto f = CipherFile::create(fd, *keys_, *io_);
+    if (!f.ok()) {
+      unlinkat(pfd, bn->entry.c_str(), 0);
+      return f.status();
+    }
+  } else if (mknodat(pfd, bn->entry.c_str(), mode, rdev) != 0) {
+    return errno_status("mknod");
+  }
+  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
+  return make_entry(parent, pfd, bn->entry, out, true);
+}
+
+Status Filesystem::create(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {
+  return mknod(parent, name, S_IFREG | (mode & 07777), 0, who, out);
+}
+
+Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  int pfd = (*dir)->fd;
+  if (bn->is_long()) {
+    auto dfd = open_dir_fd(**dir);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
+  }
+  // Created owner-writable so the nonce can go in; the requested mode is applied after.
+  if (mkdirat(pfd, bn->entry.c_str(), 0700) != 0) return errno_status("mkdir");
+  int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno_status("open new directory");
+  FdGuard g{fd};
+  Status st = create_dir_nonce(fd);
+  if (st.ok() && fchmod(fd, mode & 07777) != 0) st = errno_status("chmod");
+  if (st.ok()) st = own(pfd, bn->entry, who);
+  if (!st.ok()) {
+    unlinkat(fd, kDirNonceName, 0);
+    unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR);
+    return st;
+  }
+  return make_entry(parent, pfd, bn->entry, out, true);
+}
+
+Status Filesystem::symlink(const char* target, uint64_t parent, const char* name, Caller who,
+                           Entry* out) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  auto enc = encrypt_symlink(*keys_, target);
+  if (!enc.ok()) return enc.status();
+  if (enc->size() >= PATH_MAX) return Status::Io(ENAMETOOLONG, "symlink target");
+  int pfd = (*dir)->fd;
+  if (bn->is_long()) {
+    auto dfd = open_dir_fd(**dir);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
+  }
+  if (symlinkat(enc->c_str(), pfd, bn->entry.c_str()) != 0) return errno_status("symlink");
+  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
+  return make_entry(parent, pfd, bn->entry, out, true);
+}
+
+Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* out) {
+  auto src = inode(ino);
+  auto dir = inode(parent);
+  if (!src.ok()) return src.status();
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  int pfd = (*dir)->fd;
+  if (bn->is_long()) {
+    auto dfd = open_dir_fd(**dir);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
+  }
+  if (linkat(AT_FDCWD, proc_path((*src)->fd).c_str(), pfd, bn->entry.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+    return errno_status("link");
+  }
+  return make_entry(parent, pfd, bn->entry, out, true);
+}
+
+Status Filesystem::unlink(uint64_t parent, const char* name) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  if (unlinkat((*dir)->fd, bn->entry.c_str(), 0) != 0) return errno_status("unlink");
+  remove_long_name((*dir)->fd, *bn);
+  return Status::Ok();
+}
+
+Status Filesystem::rmdir(uint64_t parent, const char* name) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  int pfd = (*dir)->fd;
+  int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno_status("rmdir");
+  FdGuard g{fd};
+  // Empty means: nothing but our nonce. Checked first so a failing rmdir keeps the nonce.
+  DIR* d = fdopendir(dup(fd));
+  if (d == nullptr) return errno_status("rmdir");
+  bool empty = true;
+  while (dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n != "." && n != ".." && n != kDirNonceName) empty = false;
+  }
+  closedir(d);
+  if (!empty) return Status::Io(ENOTEMPTY, "rmdir");
+  auto saved = read_dir_nonce(fd);
+  if (unlinkat(fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status("rmdir");
+  if (unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR) != 0) {
+    int err = errno;
+    if (saved.ok()) {
+      // Put the nonce back: the directory stays as it was.
+      int nfd = openat(fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
+      if (nfd >= 0) {
+        (void)!::write(nfd, saved->data(), saved->size());
+        ::fsync(nfd);
+        close(nfd);
+      }
+    }
+    return Status::Io(err, "rmdir");
+  }
+  remove_long_name(pfd, *bn);
+  return Status::Ok();
+}
+
+Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
+                          const char* newname, unsigned flags) {
+  auto from = inode(parent);
+  auto to = inode(newparent);
+  if (!from.ok()) return from.status();
+  if (!to.ok()) return to.status();
+  auto n1 = nonce_of(**from);
+  auto n2 = nonce_of(**to);
+  if (!n1.ok()) return n1.status();
+  if (!n2.ok()) return n2.status();
+  auto b1 = encrypt_name(*keys_, *n1, name);
+  auto b2 = encrypt_name(*keys_, *n2, newname);
+  if (!b1.ok()) return b1.status();
+  if (!b2.ok()) return b2.status();
+  if (b2->is_long()) {
+    auto dfd = open_dir_fd(**to);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *b2));
+  }
+  if (renameat2((*from)->fd, b1->entry.c_str(), (*to)->fd, b2->entry.c_str(), flags) != 0) {
+    return errno_status("rename");
+  }
+  if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1->entry == b2->entry)) {
+    remove_long_name((*from)->fd, *b1);
+  }
+  struct stat st;
+  if (fstatat((*to)->fd, b2->entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    if (auto moved = inodes_.find(st.st_dev, st.st_ino)) {
+      std::lock_guard lock(moved->mu);
+      moved->parent = newparent;
+      moved->entry_unsynced = true;
+    }
+  }
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i) {
+  std::lock_guard lock(i.mu);
+  if (i.open) {
+    i.open_count++;
+    return i.open;
+  }
+  std::string path = proc_path(i.fd);
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0 && (errno == EACCES || errno == EROFS)) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno_status("open backing file");
+  auto of = std::make_shared<OpenFile>();
+  of->fd = fd;
+  auto f = CipherFile::open(fd, *keys_, *io_);
+  if (!f.ok()) return f.status();  // ~OpenFile closes fd
+  of->file = std::move(f).value();
+  i.open = of;
+  i.open_count = 1;
+  return of;
+}
+
+Status Filesystem::open(uint64_t ino) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  if ((*i)->type != S_IFREG) return Status::Io(EINVAL, "open of a non-regular file");
+  auto of = open_file(**i);
+  return of.ok() ? Status::Ok() : of.status();
+}
+
+void Filesystem::release(uint64_t ino) {
+  auto i = inodes_.get(ino);
+  if (!i) return;
+  std::lock_guard lock(i->mu);
+  if (--i->open_count <= 0) {
+    i->open_count = 0;
+    i->open.reset();
+  }
+}
+
+Result<size_t> Filesystem::read(uint64_t ino, uint64_t off, MutByteView out) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  std::shared_ptr<OpenFile> of;
+  {
+    std::lock_guard lock((*i)->mu);
+    of = (*i)->open;
+  }
+  if (!of) return Status::Io(EBADF, "read of a file that is not open");
+  return of->file->read(off, out);
+}
+
+Status Filesystem::write(uint64_t ino, uint64_t off, ByteView data) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  std::shared_ptr<OpenFile> of;
+  {
+    std::lock_guard lock((*i)->mu);
+    of = (*i)->open;
+  }
+  if (!of) return Status::Io(EBADF, "write to a file that is not open");
+  return of->file->write(off, data);
+}
+
+Status Filesystem::sync_parent_if_needed(Inode& start) {
+  // Walk up while entries are new: a fsynced file in a directory created just before must
+  // survive a power cut with its whole path.
+  std::shared_ptr<Inode> cur;
+  Inode* node = &start;
+  for (int depth = 0; depth < 4096; ++depth) {
+    uint64_t parent;
+    {
+      std::lock_guard lock(node->mu);
+      if (!node->entry_unsynced || node->id == 1) return Status::Ok();
+      parent = node->parent;
+    }
+    auto p = inodes_.get(parent);
+    if (!p) return Status::Ok();
+    auto dfd = open_dir_fd(*p);
+    if (!dfd.ok()) return dfd.status();
+    int rc = ::fsync(*dfd);
+    close(*dfd);
+    if (rc != 0) return errno_status("fsync of directory");
+    {
+      std::lock_guard lock(node->mu);
+      node->entry_unsynced = false;
+    }
+    cur = p;
+    node = cur.get();
+  }
+  return Status::Ok();
+}
+
+Status Filesystem::fsync(uint64_t ino, bool datasync) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  std::shared_ptr<OpenFile> of;
+  {
+    std::lock_guard lock((*i)->mu);
+    of = (*i)->open;
+  }
+  if (of) ENVELOPEFS_RETURN_IF_ERROR(of->file->sync(datasync));
+  return sync_parent_if_needed(**i);
+}
+
+Status Filesystem::fallocate(uint64_t ino, int mode, uint64_t off, uint64_t len) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  std::shared_ptr<OpenFile> of;
+  {
+    std::lock_guard lock((*i)->mu);
+    of = (*i)->open;
+  }
+  if (!of) return Status::Io(EBADF, "fallocate");
+  CipherFile& f = *of->file;
+  if (mode == 0) {
+    if (off + len > f.size()) return f.truncate(off + len);
+    return Status::Ok();
+  }
+  if (mode == FALLOC_FL_KEEP_SIZE) return Status::Ok();
+  if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) return f.punch_hole(off, len);
+  if (mode == FALLOC_FL_ZERO_RANGE || mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
+    ENVELOPEFS_RETURN_IF_ERROR(f.punch_hole(off, len));
+    if (!(mode & FALLOC_FL_KEEP_SIZE) && off + len > f.size()) return f.truncate(off + len);
+    return Status::Ok();
+  }
+  return Status::Io(EOPNOTSUPP, "fallocate mode");
+}
+
+Status Filesystem::readdir(uint64_t ino, std::vector<DirEntry>* out) {
+  auto dir = inode(ino);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  auto dfd = open_dir_fd(**dir);
+  if (!dfd.ok()) return dfd.status();
+  DIR* d = fdopendir(*dfd);
+  if (d == nullptr) {
+    close(*dfd);
+    return errno_status("opendir");
+  }
+  while (dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n == "." || n == "..") continue;
+    if (ino == 1 && n.rfind("envelopefs.conf", 0) == 0) continue;
+    auto plain = decrypt_name(*keys_, *nonce, dirfd(d), n);
+    if (!plain.ok()) {
+      if (plain.status().code() != Code::kNotFound) {
+        log_error_rate_limited("readdir: inode " + std::to_string(ino) + ": skipping entry '" +
+                               std::string(n) + "': " + plain.status().to_string());
+      }
+      continue;
+    }
+    out->push_back({std::move(plain).value(), e->d_ino, e->d_type});
+  }
+  closedir(d);
+  return Status::Ok();
+}
+
+Status Filesystem::fsyncdir(uint64_t ino) {
+  auto dir = inode(ino);
+  if (!dir.ok()) return dir.status();
+  auto dfd = open_dir_fd(**dir);
+  if (!dfd.ok()) return dfd.status();
+  int rc = ::fsync(*dfd);
+  close(*dfd);
+  if (rc != 0) return errno_status("fsyncdir");
+  return sync_parent_if_needed(**dir);
+}
+
+Status Filesystem::statfs(struct statvfs* out) {
+  auto root = inode(1);
+  if (!root.ok()) return root.status();
+  if (fstatvfs((*root)->fd, out) != 0) return errno_status("statfs");
+  out->f_namemax = kMaxPlainName;
+  return Status::Ok();
+}
+
+Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(EOPNOTSUPP, "setxattr");
+  auto enc = encrypt_xattr_name(*keys_, name);
+  if (!enc.ok()) return Status::Io(ERANGE, "xattr name too long");
+  auto val = encrypt_xattr_value(*keys_, *enc, value);
+  if (!val.ok()) return val.status();
+  if (::setxattr(proc_path((*i)->fd).c_str(), enc->c_str(), val->data(), val->size(), flags) != 0) {
+    return errno_status("setxattr");
+  }
+  return Status::Ok();
+}
+
+Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(ENODATA, "getxattr");
+  auto enc = encrypt_xattr_name(*keys_, name);
+  if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
+  std::string path = proc_path((*i)->fd);
+  Bytes buf(65536 + 64);
+  ssize_t n = ::getxattr(path.c_str(), enc->c_str(), buf.data(), buf.size());
+  if (n < 0) return errno_status("getxattr");
+  buf.resize(static_cast<size_t>(n));
+  return decrypt_xattr_value(*keys_, *enc, buf);
+}
+
+Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  std::string path = proc_path((*i)->fd);
+  std::vector<std::string> out;
+  ssize_t n = ::listxattr(path.c_str(), nullptr, 0);
+  if (n < 0) {
+    if (errno == ENOTSUP) return out;
+    return errno_status("listxattr");
+  }
+  std::string buf(static_cast<size_t>(n), '\0');
+  n = ::listxattr(path.c_str(), buf.data(), buf.size());
+  if (n < 0) return errno_status("listxattr");
+  buf.resize(static_cast<size_t>(n));
+  for (size_t pos = 0; pos < buf.size();) {
+    std::string stored = buf.c_str() + pos;
+    pos += stored.size() + 1;
+    auto plain = decrypt_xattr_name(*keys_, stored);
+    if (plain.ok()) out.push_back(std::move(plain).value());
+  }
+  return out;
+}
+
+Status Filesystem::removexattr(uint64_t ino, const char* name) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  auto enc = encrypt_xattr_name(*keys_, name);
+  if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
+  if (::removexattr(proc_path((*i)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");
+  return Status::Ok();
+}
+
+}  // namespace envelopefs

@@ -1,0 +1,101 @@
+// The filesystem: every FUSE operation as a method that does the work and returns a Status.
+// fuse_ops.cc holds the thin libfuse handlers that call these and reply exactly once.
+#pragma once
+
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fs/inode_table.h"
+#include "fs/io_backend.h"
+#include "keyhierarchy/volume_keys.h"
+
+namespace envelopefs {
+
+struct FsOptions {
+  double attr_timeout = 1.0;
+  double entry_timeout = 1.0;
+  bool writeback_cache = true;
+  bool direct_backing = false;  // open backing files O_DIRECT (no second page cache copy)
+};
+
+struct Entry {
+  uint64_t ino = 0;
+  struct stat attr {};
+};
+
+struct DirEntry {
+  std::string name;
+  ino_t ino;
+  unsigned type;  // DT_*
+};
+
+class Filesystem {
+ public:
+  Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
+             std::unique_ptr<IoBackend> io, FsOptions options);
+  const FsOptions& options() const { return options_; }
+  IoBackend& io() { return *io_; }
+  InodeTable& inodes() { return inodes_; }
+
+  // Caller identity for new files (set per request from fuse_req_ctx).
+  struct Caller {
+    uid_t uid;
+    gid_t gid;
+  };
+
+  Status lookup(uint64_t parent, const char* name, Entry* out);
+  void forget(uint64_t ino, uint64_t n) { inodes_.forget(ino, n); }
+  Status getattr(uint64_t ino, struct stat* out);
+  Status setattr(uint64_t ino, const struct stat& attr, int to_set, struct stat* out);
+  Status readlink(uint64_t ino, std::string* target);
+  Status mknod(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who, Entry* out);
+  Status mkdir(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out);
+  Status symlink(const char* target, uint64_t parent, const char* name, Caller who, Entry* out);
+  Status link(uint64_t ino, uint64_t parent, const char* name, Entry* out);
+  Status unlink(uint64_t parent, const char* name);
+  Status rmdir(uint64_t parent, const char* name);
+  Status rename(uint64_t parent, const char* name, uint64_t newparent, const char* newname,
+                unsigned flags);
+  Status create(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out);
+  Status open(uint64_t ino);
+  void release(uint64_t ino);
+  Result<size_t> read(uint64_t ino, uint64_t off, MutByteView out);
+  Status write(uint64_t ino, uint64_t off, ByteView data);
+  Status fsync(uint64_t ino, bool datasync);
+  Status fallocate(uint64_t ino, int mode, uint64_t off, uint64_t len);
+  Status readdir(uint64_t ino, std::vector<DirEntry>* out);
+  Status fsyncdir(uint64_t ino);
+  Status statfs(struct statvfs* out);
+  Status setxattr(uint64_t ino, const char* name, ByteView value, int flags);
+  Result<Bytes> getxattr(uint64_t ino, const char* name);
+  Result<std::vector<std::string>> listxattr(uint64_t ino);
+  Status removexattr(uint64_t ino, const char* name);
+
+ private:
+  Result<std::shared_ptr<Inode>> inode(uint64_t ino);
+  Result<DirNonce> nonce_of(Inode& dir);
+  // Opens the backing directory for *at() calls that need a real (not O_PATH) descriptor.
+  Result<int> open_dir_fd(Inode& dir);
+  Status stat_inode(Inode& inode, struct stat* out);
+  Status make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
+                    bool fresh);
+  Status own(int dir_fd, const std::string& backing, Caller who);
+  Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
+  Status sync_parent_if_needed(Inode& inode);
+
+  const std::string cipher_dir_;
+  VolumeConfig config_;
+  std::unique_ptr<RootKeyProvider> provider_;
+  std::unique_ptr<VolumeKeys> keys_;
+  std::unique_ptr<IoBackend> io_;
+  FsOptions options_;
+  InodeTable inodes_;
+  Layout layout_;
+  const bool as_root_;
+};
+
+}  // namespace envelopefs

@@ -1,0 +1,18 @@
+// `envelopefs fsck`: decrypt every name and link target and authenticate every block of every
+// file, listing each failure with its path and block. Read-only.
+#pragma once
+
+#include <string>
+
+#include "keyhierarchy/root_provider.h"
+
+namespace envelopefs {
+
+struct FsckReport {
+  uint64_t dirs = 0, files = 0, symlinks = 0, blocks = 0, problems = 0;
+};
+
+// Returns the process exit code: 0 clean, 1 problems found, 2 could not check.
+int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet);
+
+}  // namespace envelopefs

@@ -1,0 +1,83 @@
+#include "fs/inode_table.h"
+
+#include "fs/fuse_ops.h"
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace envelopefs {
+
+OpenFile::~OpenFile() {
+  file.reset();
+  if (fd >= 0) close(fd);
+}
+
+Inode::~Inode() {
+  if (fd >= 0) close(fd);
+}
+
+InodeTable::InodeTable(int root_fd) {
+  struct stat st;
+  fstat(root_fd, &st);
+  auto root = std::make_shared<Inode>();
+  root->id = FUSE_ROOT_ID;
+  root->fd = root_fd;
+  root->dev = st.st_dev;
+  root->ino = st.st_ino;
+  root->type = S_IFDIR;
+  root->nlookup = 1;  // the root is never forgotten
+  by_id_[FUSE_ROOT_ID] = root;
+  by_backing_[{st.st_dev, st.st_ino}] = FUSE_ROOT_ID;
+}
+
+std::shared_ptr<Inode> InodeTable::get(uint64_t id) {
+  std::lock_guard lock(mu_);
+  auto it = by_id_.find(id);
+  return it == by_id_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t parent) {
+  std::lock_guard lock(mu_);
+  if (auto it = by_backing_.find({st.st_dev, st.st_ino}); it != by_backing_.end()) {
+    close(fd);
+    auto inode = by_id_.at(it->second);
+    inode->nlookup++;
+    std::lock_guard ilock(inode->mu);
+    inode->parent = parent;
+    return inode;
+  }
+  auto inode = std::make_shared<Inode>();
+  inode->id = next_++;
+  inode->fd = fd;
+  inode->dev = st.st_dev;
+  inode->ino = st.st_ino;
+  inode->type = st.st_mode & S_IFMT;
+  inode->nlookup = 1;
+  inode->parent = parent;
+  by_id_[inode->id] = inode;
+  by_backing_[{st.st_dev, st.st_ino}] = inode->id;
+  return inode;
+}
+
+void InodeTable::forget(uint64_t id, uint64_t n) {
+  if (id == FUSE_ROOT_ID) return;
+  std::lock_guard lock(mu_);
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) return;
+  Inode& inode = *it->second;
+  if (inode.nlookup.fetch_sub(n) > n) return;
+  by_backing_.erase({inode.dev, inode.ino});
+  by_id_.erase(it);  // the Inode closes its fd once the last user drops it
+}
+
+std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {
+  std::lock_guard lock(mu_);
+  auto it = by_backing_.find({dev, ino});
+  return it == by_backing_.end() ? nullptr : by_id_.at(it->second);
+}
+
+size_t InodeTable::size() {
+  std::lock_guard lock(mu_);
+  return by_id_.size();
+}
+
+}  // namespace envelopefs

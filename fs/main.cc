@@ -1,0 +1,215 @@
+// The envelopefs command line: init, mount, unmount, status, fsck.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "fs/fsck.h"
+#include "fs/mount.h"
+#include "fs/names.h"
+#include "keyhierarchy/volume_keys.h"
+
+#ifndef ENVELOPEFS_VERSION
+#define ENVELOPEFS_VERSION "0.0.0"
+#endif
+
+namespace envelopefs {
+namespace {
+
+int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size, const ProviderOptions& po) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    std::fprintf(stderr, "envelopefs init: cannot create %s: %s\n", dir.c_str(), ec.message().c_str());
+    return 1;
+  }
+  CreateOptions opt;
+  opt.root_uri = kms;
+  opt.block_size = block_size;
+  opt.provider = po;
+  auto v = create_volume(dir, opt);
+  if (!v.ok()) {
+    std::fprintf(stderr, "envelopefs init: %s\n", v.status().to_string().c_str());
+    return 1;
+  }
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  Status st = fd < 0 ? Status::Io(errno, "open " + dir) : create_dir_nonce(fd);
+  if (fd >= 0) close(fd);
+  if (!st.ok()) {
+    std::fprintf(stderr, "envelopefs init: %s\n", st.to_string().c_str());
+    return 1;
+  }
+  std::printf("created envelopefs volume %s in %s\n  key provider: %s\n  block size: %u\n",
+              to_hex(v->config.volume_id).c_str(), dir.c_str(), v->provider->describe().c_str(),
+              v->config.block_size);
+  return 0;
+}
+
+struct MountEntry {
+  std::string source, target;
+};
+
+std::vector<MountEntry> envelopefs_mounts() {
+  std::vector<MountEntry> out;
+  std::ifstream f("/proc/self/mounts");
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream ls(line);
+    std::string src, dst, type;
+    ls >> src >> dst >> type;
+    if (type == "fuse.envelopefs") out.push_back({src, dst});
+  }
+  return out;
+}
+
+int cmd_status(std::string path, bool json) {
+  std::error_code ec;
+  path = std::filesystem::weakly_canonical(path, ec).string();
+  std::string cipher = path;
+  std::vector<std::string> mounted_at;
+  for (const auto& m : envelopefs_mounts()) {
+    if (m.target == path) cipher = m.source;
+  }
+  for (const auto& m : envelopefs_mounts()) {
+    if (m.source == cipher) mounted_at.push_back(m.target);
+  }
+  auto config = load_config(cipher);
+  if (!config.ok()) {
+    std::fprintf(stderr, "envelopefs status: %s\n", config.status().to_string().c_str());
+    return 1;
+  }
+  const VolumeConfig& c = *config;
+  nlohmann::json j = {{"cipher_dir", cipher},
+                      {"volume_id", to_hex(c.volume_id)},
+                      {"format_version", c.format_version},
+                      {"block_size", c.block_size},
+                      {"key_provider", c.root_uri},
+                      {"mounted_at", mounted_at},
+                      {"deks", nlohmann::json::array()}};
+  for (const auto& d : c.deks) {
+    j["deks"].push_back({{"version", d.version},
+                         {"state", d.state == DekState::kActive ? "active" : "retired"},
+                         {"created", d.created}});
+  }
+  if (json) {
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("volume %s\n  cipher dir:   %s\n  format:       %u\n  block size:   %u\n  key provider: %s\n",
+              to_hex(c.volume_id).c_str(), cipher.c_str(), c.format_version, c.block_size, c.root_uri.c_str());
+  for (const auto& d : c.deks) {
+    std::printf("  DEK v%u:       %s (created %s)\n", d.version,
+                d.state == DekState::kActive ? "active" : "retired", d.created.c_str());
+  }
+  if (mounted_at.empty()) std::printf("  mounted:      no\n");
+  for (const auto& m : mounted_at) std::printf("  mounted at:   %s\n", m.c_str());
+  return 0;
+}
+
+// Splits "-o a,b=c" into the options we own and the ones passed to libfuse; options that
+// mount(8) adds for its own use are dropped, so fstab entries work as written.
+void split_options(const std::string& opts, MountOptions* mo) {
+  static const std::set<std::string> kMountOnly = {"rw", "defaults", "auto", "noauto", "user",
+                                                   "nouser", "users", "nofail", "_netdev", "dev",
+                                                   "suid", "exec", "async", "relatime", "atime"};
+  std::stringstream ss(opts);
+  std::string o;
+  std::vector<std::string> keep;
+  while (std::getline(ss, o, ',')) {
+    if (o.empty() || kMountOnly.count(o) || o.rfind("x-", 0) == 0 || o.rfind("comment=", 0) == 0) continue;
+    if (o.rfind("passfile=", 0) == 0) mo->provider.passfile = o.substr(9);
+    else if (o.rfind("log_file=", 0) == 0) mo->log_file = o.substr(9);
+    else if (o == "no_uring") mo->use_uring = false;
+    else if (o == "no_writeback") mo->fs.writeback_cache = false;
+    else if (o == "allow_other") mo->allow_other = true;
+    else keep.push_back(o);
+  }
+  for (size_t i = 0; i < keep.size(); ++i) mo->fuse_options += (i ? "," : "") + keep[i];
+}
+
+}  // namespace
+}  // namespace envelopefs
+
+int main(int argc, char** argv) {
+  using namespace envelopefs;
+  // `envelopefs CIPHERDIR MOUNTPOINT -o OPTS`, the form mount.fuse3 uses for fuse.envelopefs.
+  static const std::set<std::string> kCommands = {"init", "mount", "unmount", "umount", "status", "fsck"};
+  std::vector<std::string> args(argv, argv + argc);
+  if (args.size() >= 3 && args[1][0] != '-' && !kCommands.count(args[1])) {
+    args.insert(args.begin() + 1, "mount");
+  }
+
+  CLI::App app{"envelopefs: a transparent encrypting filesystem with envelope encryption.\n"
+               "Every block has its own key, wrapped by a versioned volume key, wrapped by a root key\n"
+               "held by a key provider (default: a local key file)."};
+  app.set_version_flag("--version", std::string("envelopefs ") + ENVELOPEFS_VERSION);
+  app.require_subcommand(1);
+
+  ProviderOptions po;
+  std::string dir, mountpoint, kms, opts;
+  uint32_t block_size = 4096;
+  bool json = false, quiet = false;
+  MountOptions mo;
+
+  auto* init = app.add_subcommand("init", "create a new volume in an empty (or new) directory");
+  init->add_option("--kms", kms,
+                   "root key provider URI: file:/ABSOLUTE/PATH or pass:[?ops=N&mem-kib=N]\n"
+                   "(default: file:" + default_root_key_path() + ", created if absent)");
+  init->add_option("--block-size", block_size, "plaintext block size: 4096 (default) to 65536, a power of two");
+  init->add_option("--passfile", po.passfile, "pass: read the passphrase from this file");
+  init->add_option("CIPHERDIR", dir, "where the encrypted files will live")->required();
+
+  auto* mount = app.add_subcommand("mount", "mount a volume; returns once the mount is ready");
+  mount->add_flag("-f,--foreground", mo.foreground, "stay in the foreground (log to stderr)");
+  mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
+  mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
+                                "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
+                                "no_uring, no_writeback");
+  mount->add_option("--passfile", mo.provider.passfile, "pass: read the passphrase from this file");
+  mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
+  mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "use pread/pwrite instead of io_uring");
+  mount->add_flag("--no-writeback", [&](int64_t) { mo.fs.writeback_cache = false; },
+                  "disable the kernel writeback cache");
+  mount->add_option("--threads", mo.threads, "FUSE worker threads (default 8)")->check(CLI::Range(1, 256));
+  mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
+  mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();
+
+  auto* unmount = app.add_subcommand("unmount", "unmount a mounted volume (keys are zeroized)");
+  unmount->alias("umount");
+  unmount->add_option("MOUNTPOINT", mountpoint)->required();
+
+  auto* status = app.add_subcommand("status", "describe a volume (never prints key material)");
+  status->add_flag("--json", json, "machine-readable output");
+  status->add_option("PATH", dir, "a cipher dir or a mountpoint")->required();
+
+  auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
+  fsck->add_option("--passfile", po.passfile, "pass: read the passphrase from this file");
+  fsck->add_flag("-q,--quiet", quiet, "no progress output");
+  fsck->add_option("CIPHERDIR", dir)->required();
+
+  std::vector<char*> cargv;
+  for (auto& a : args) cargv.push_back(a.data());
+  try {
+    app.parse(static_cast<int>(cargv.size()), cargv.data());
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  if (*init) return cmd_init(dir, kms, block_size, po);
+  if (*mount) {
+    split_options(opts, &mo);
+    return run_mount(mo);
+  }
+  if (*unmount) return run_unmount(mountpoint);
+  if (*status) return cmd_status(dir, json);
+  if (*fsck) return run_fsck(dir, po, quiet);
+  return 1;
+}

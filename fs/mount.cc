@@ -1,0 +1,160 @@
+#include "fs/mount.h"
+
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "fs/fuse_ops.h"
+#include "fs/log.h"
+
+namespace envelopefs {
+namespace {
+
+// Tells the waiting parent how the start-up went: "OK" or an error message.
+class ReadyPipe {
+ public:
+  explicit ReadyPipe(int fd) : fd_(fd) {}
+  void send(const std::string& msg) {
+    if (fd_ < 0) return;
+    (void)!write(fd_, msg.data(), msg.size());
+    close(fd_);
+    fd_ = -1;
+  }
+  ~ReadyPipe() { send("envelopefs: the daemon stopped before the mount was ready"); }
+
+ private:
+  int fd_;
+};
+
+int fail(ReadyPipe& ready, bool foreground, const std::string& msg) {
+  if (foreground) std::fprintf(stderr, "envelopefs: %s\n", msg.c_str());
+  ready.send("envelopefs: " + msg);
+  return 1;
+}
+
+std::string absolute(const std::string& p) {
+  std::error_code ec;
+  auto a = std::filesystem::absolute(p, ec);
+  return ec ? p : a.lexically_normal().string();
+}
+
+int serve(const MountOptions& o, ReadyPipe& ready) {
+  harden_process();
+  if (!o.log_file.empty()) log_to(LogTarget::kFile, o.log_file);
+  else if (!o.foreground) log_to(LogTarget::kSyslog);
+
+  std::string cipher = absolute(o.cipher_dir);
+  auto volume = open_volume(cipher, o.provider);
+  if (!volume.ok()) return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
+  int root_fd = open(cipher.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root_fd < 0) return fail(ready, o.foreground, "cannot open " + cipher + ": " + std::strerror(errno));
+  if (auto n = read_dir_nonce(root_fd); !n.ok()) {
+    return fail(ready, o.foreground, "volume root is damaged: " + n.status().to_string());
+  }
+  std::string backend_note;
+  auto io = make_io_backend(o.use_uring);
+  Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), o.fs);
+
+  std::string opts = "default_permissions,fsname=" + cipher + ",subtype=envelopefs";
+  if (o.allow_other) opts += ",allow_other";
+  if (!o.fuse_options.empty()) opts += "," + o.fuse_options;
+  std::vector<std::string> argv_s = {"envelopefs", "-o", opts};
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  fuse_session* se = fuse_session_new(&args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &fs);
+  if (se == nullptr) return fail(ready, o.foreground, "cannot start a FUSE session (bad -o option?)");
+  if (fuse_set_signal_handlers(se) != 0) {
+    fuse_session_destroy(se);
+    return fail(ready, o.foreground, "cannot install signal handlers");
+  }
+  if (fuse_session_mount(se, o.mountpoint.c_str()) != 0) {
+    fuse_remove_signal_handlers(se);
+    fuse_session_destroy(se);
+    return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
+  }
+  log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
+  if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
+  ready.send("OK");
+  if (!o.foreground) {
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) {
+      dup2(null, 0);
+      dup2(null, 1);
+      dup2(null, 2);
+      if (null > 2) close(null);
+    }
+    (void)!chdir("/");
+  }
+  fuse_loop_config* cfg = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(o.threads));
+  fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
+  int rc = fuse_session_loop_mt(se, cfg);
+  fuse_loop_cfg_destroy(cfg);
+  fuse_session_unmount(se);
+  fuse_remove_signal_handlers(se);
+  fuse_session_destroy(se);
+  log_info("unmounted " + o.mountpoint + "; keys zeroized");
+  return rc == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int run_mount(const MountOptions& o) {
+  if (o.foreground) {
+    ReadyPipe none(-1);
+    return serve(o, none);
+  }
+  // Fork first and unwrap keys in the child: locked key memory is not inherited by a fork.
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) {
+    std::perror("envelopefs: pipe");
+    return 1;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    std::perror("envelopefs: fork");
+    return 1;
+  }
+  if (pid == 0) {
+    close(fds[0]);
+    setsid();
+    ReadyPipe ready(fds[1]);
+    _exit(serve(o, ready));
+  }
+  close(fds[1]);
+  std::string msg;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof buf)) > 0) msg.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  if (msg == "OK") return 0;
+  int status = 0;
+  waitpid(pid, &status, 0);
+  std::fprintf(stderr, "%s\n", msg.empty() ? "envelopefs: the daemon failed to start" : msg.c_str());
+  return 1;
+}
+
+int run_unmount(const std::string& mountpoint) {
+  if (geteuid() == 0) {
+    if (umount2(mountpoint.c_str(), 0) == 0) return 0;
+    std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), std::strerror(errno));
+    return 1;
+  }
+  pid_t pid = fork();
+  if (pid == 0) {
+    execlp("fusermount3", "fusermount3", "-u", mountpoint.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}
+
+}  // namespace envelopefs

@@ -1,0 +1,29 @@
+// Mounting: open the volume, start a FUSE session, go to the background once the mount is
+// ready (the calling process returns only then, with the daemon's first error if any).
+#pragma once
+
+#include <string>
+
+#include "fs/filesystem.h"
+#include "keyhierarchy/root_provider.h"
+
+namespace envelopefs {
+
+struct MountOptions {
+  std::string cipher_dir;
+  std::string mountpoint;
+  bool foreground = false;
+  bool allow_other = false;
+  bool use_uring = true;
+  std::string fuse_options;  // extra -o options for libfuse and the kernel
+  std::string log_file;
+  int threads = 8;
+  ProviderOptions provider;
+  FsOptions fs;
+};
+
+// Returns the process exit code.
+int run_mount(const MountOptions& options);
+int run_unmount(const std::string& mountpoint);
+
+}  // namespace envelopefs

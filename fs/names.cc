@@ -1,0 +1,172 @@
+#include "fs/names.h"
+
+#include <fcntl.h>
+#include <openssl/sha.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "crypto/random.h"
+
+namespace envelopefs {
+namespace {
+
+// Associated data for values that are not names in a directory.
+constexpr char kSymlinkAd[] = "envelopefs v1 symlink";
+constexpr char kXattrNameAd[] = "envelopefs v1 xattr name";
+
+Status write_all_and_sync(int fd, ByteView data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = write(fd, data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::Io(errno, "write");
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (fsync(fd) != 0) return Status::Io(errno, "fsync");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status create_dir_nonce(int dir_fd) {
+  DirNonce nonce;
+  ENVELOPEFS_RETURN_IF_ERROR(random_fill(nonce));
+  int fd = openat(dir_fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
+  if (fd < 0) return Status::Io(errno, "create directory nonce");
+  Status st = write_all_and_sync(fd, nonce);
+  close(fd);
+  if (!st.ok()) return st.prefix("directory nonce");
+  if (fsync(dir_fd) != 0) return Status::Io(errno, "fsync of new directory");
+  return Status::Ok();
+}
+
+Result<DirNonce> read_dir_nonce(int dir_fd) {
+  int fd = openat(dir_fd, kDirNonceName, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status(Code::kCorrupt, "directory nonce is missing");
+    return Status::Io(errno, "open directory nonce");
+  }
+  DirNonce nonce;
+  ssize_t n = read(fd, nonce.data(), nonce.size());
+  close(fd);
+  if (n != static_cast<ssize_t>(nonce.size())) return Status(Code::kCorrupt, "directory nonce is damaged");
+  return nonce;
+}
+
+bool is_reserved_name(std::string_view backing) {
+  return backing == "." || backing == ".." || backing.find('.') != std::string_view::npos;
+}
+
+Result<BackingName> encrypt_name(const VolumeKeys& keys, const DirNonce& nonce, std::string_view plain) {
+  if (plain.empty() || plain == "." || plain == ".." || plain.find('/') != std::string_view::npos) {
+    return Status(Code::kInvalidArgument, "invalid file name");
+  }
+  if (plain.size() > kMaxPlainName) return Status(Code::kInvalidArgument, "file name too long");
+  auto sealed = keys.names().seal(nonce, as_bytes(plain));
+  if (!sealed.ok()) return sealed.status();
+  BackingName out;
+  std::string encoded = base64url_encode(*sealed);
+  if (encoded.size() <= kMaxBackingName) {
+    out.entry = std::move(encoded);
+    return out;
+  }
+  uint8_t digest[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const uint8_t*>(encoded.data()), encoded.size(), digest);
+  out.entry = std::string(kLongNamePrefix) + base64url_encode(digest);
+  out.longname = std::move(encoded);
+  return out;
+}
+
+Result<std::string> decrypt_name(const VolumeKeys& keys, const DirNonce& nonce, int dir_fd,
+                                 std::string_view backing) {
+  std::string encoded;
+  if (backing.rfind(kLongNamePrefix, 0) == 0 && backing.find(kLongNameSuffix) == std::string_view::npos) {
+    std::string side = std::string(backing) + kLongNameSuffix;
+    int fd = openat(dir_fd, side.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return Status(Code::kCorrupt, "long name record " + side + " is missing");
+    encoded.resize(4096);
+    ssize_t n = read(fd, encoded.data(), encoded.size());
+    close(fd);
+    if (n <= 0) return Status(Code::kCorrupt, "long name record " + side + " is empty");
+    encoded.resize(static_cast<size_t>(n));
+    uint8_t digest[SHA256_DIGEST_LENGTH];
+    SHA256(reinterpret_cast<const uint8_t*>(encoded.data()), encoded.size(), digest);
+    if (std::string(kLongNamePrefix) + base64url_encode(digest) != backing) {
+      return Status(Code::kAuthFailed, "long name record does not match its entry");
+    }
+  } else if (is_reserved_name(backing)) {
+    return Status(Code::kNotFound, "reserved name");
+  } else {
+    encoded = backing;
+  }
+  Bytes sealed;
+  if (!base64url_decode(encoded, &sealed)) return Status(Code::kAuthFailed, "name is not valid base64url");
+  auto plain = keys.names().open(nonce, sealed);
+  if (!plain.ok()) return plain.status();
+  return std::string(as_chars(*plain));
+}
+
+Status write_long_name(int dir_fd, const BackingName& name) {
+  if (!name.is_long()) return Status::Ok();
+  std::string side = name.side_file();
+  int fd = openat(dir_fd, side.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
+  if (fd < 0) {
+    if (errno == EEXIST) return Status::Ok();  // same name, same content
+    return Status::Io(errno, "create long name record");
+  }
+  Status st = write_all_and_sync(fd, as_bytes(name.longname));
+  close(fd);
+  if (st.ok() && fsync(dir_fd) != 0) st = Status::Io(errno, "fsync directory");
+  return st;
+}
+
+void remove_long_name(int dir_fd, const BackingName& name) {
+  if (name.is_long()) unlinkat(dir_fd, name.side_file().c_str(), 0);
+}
+
+Result<std::string> encrypt_symlink(const VolumeKeys& keys, std::string_view target) {
+  auto sealed = keys.names().seal(as_bytes(kSymlinkAd), as_bytes(target));
+  if (!sealed.ok()) return sealed.status();
+  return base64url_encode(*sealed);
+}
+
+Result<std::string> decrypt_symlink(const VolumeKeys& keys, std::string_view stored) {
+  Bytes sealed;
+  if (!base64url_decode(stored, &sealed)) return Status(Code::kAuthFailed, "symlink target is not valid base64url");
+  auto plain = keys.names().open(as_bytes(kSymlinkAd), sealed);
+  if (!plain.ok()) return plain.status();
+  return std::string(as_chars(*plain));
+}
+
+Result<std::string> encrypt_xattr_name(const VolumeKeys& keys, std::string_view name) {
+  auto sealed = keys.names().seal(as_bytes(kXattrNameAd), as_bytes(name));
+  if (!sealed.ok()) return sealed.status();
+  std::string out = std::string(kXattrPrefix) + base64url_encode(*sealed);
+  if (out.size() > 255) return Status(Code::kInvalidArgument, "xattr name too long");
+  return out;
+}
+
+Result<std::string> decrypt_xattr_name(const VolumeKeys& keys, std::string_view stored) {
+  if (stored.rfind(kXattrPrefix, 0) != 0) return Status(Code::kNotFound, "not an envelopefs xattr");
+  Bytes sealed;
+  if (!base64url_decode(stored.substr(sizeof(kXattrPrefix) - 1), &sealed)) {
+    return Status(Code::kAuthFailed, "xattr name is not valid base64url");
+  }
+  auto plain = keys.names().open(as_bytes(kXattrNameAd), sealed);
+  if (!plain.ok()) return plain.status();
+  return std::string(as_chars(*plain));
+}
+
+Result<Bytes> encrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value) {
+  return keys.names().seal(as_bytes(stored_name), value);
+}
+
+Result<Bytes> decrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value) {
+  return keys.names().open(as_bytes(stored_name), value);
+}
+
+}  // namespace envelopefs

@@ -1,0 +1,63 @@
+// Names, symlink targets and xattrs in the cipher dir (fs/FORMAT.md, "Names").
+//
+// Each backing directory holds `envelopefs.dirnonce` (16 random bytes). A plaintext name is
+// stored as base64url(AES-256-SIV(name key, AD = that nonce, name)). An encoded name longer than
+// 255 bytes is stored as `envelopefs.long.<base64url(SHA-256(encoded))>` with the full encoded
+// name in a side file `<that>.name`. Every reserved name contains a '.', which base64url never
+// produces, so reserved and encrypted names cannot collide.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "crypto/bytes.h"
+#include "crypto/status.h"
+#include "keyhierarchy/volume_keys.h"
+
+namespace envelopefs {
+
+inline constexpr char kDirNonceName[] = "envelopefs.dirnonce";
+inline constexpr char kLongNamePrefix[] = "envelopefs.long.";
+inline constexpr char kLongNameSuffix[] = ".name";
+inline constexpr size_t kDirNonceSize = 16;
+inline constexpr size_t kMaxPlainName = 255;
+inline constexpr size_t kMaxBackingName = 255;
+
+using DirNonce = std::array<uint8_t, kDirNonceSize>;
+
+// Creates the nonce file in the (new, empty) backing directory `dir_fd` and makes it durable
+// together with the directory: file fsync, then directory fsync.
+Status create_dir_nonce(int dir_fd);
+Result<DirNonce> read_dir_nonce(int dir_fd);
+
+struct BackingName {
+  std::string entry;     // the name in the backing directory
+  std::string longname;  // for a long name: the full encoded name kept in the side file
+  bool is_long() const { return !longname.empty(); }
+  std::string side_file() const { return entry + kLongNameSuffix; }
+};
+
+// True for names envelopefs keeps for itself (never shown on the mount).
+bool is_reserved_name(std::string_view backing);
+
+Result<BackingName> encrypt_name(const VolumeKeys& keys, const DirNonce& nonce, std::string_view plain);
+// Decrypts a backing directory entry (reads the side file for long names). kNotFound for
+// reserved names, kAuthFailed for names that do not authenticate.
+Result<std::string> decrypt_name(const VolumeKeys& keys, const DirNonce& nonce, int dir_fd,
+                                 std::string_view backing);
+// Writes the side file of a long name (durably) if it is not there yet.
+Status write_long_name(int dir_fd, const BackingName& name);
+void remove_long_name(int dir_fd, const BackingName& name);
+
+Result<std::string> encrypt_symlink(const VolumeKeys& keys, std::string_view target);
+Result<std::string> decrypt_symlink(const VolumeKeys& keys, std::string_view stored);
+
+// Extended attributes: every name maps to "user.envelopefs.<base64url(SIV(name))>" on the
+// backing file; values are SIV-sealed with the encrypted name as associated data.
+inline constexpr char kXattrPrefix[] = "user.envelopefs.";
+Result<std::string> encrypt_xattr_name(const VolumeKeys& keys, std::string_view name);
+Result<std::string> decrypt_xattr_name(const VolumeKeys& keys, std::string_view stored);
+Result<Bytes> encrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value);
+Result<Bytes> decrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value);
+
+}  // namespace envelopefs
