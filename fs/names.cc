@@ -161,12 +161,25 @@ Result<std::string> decrypt_xattr_name(const VolumeKeys& keys, std::string_view 
   return std::string(as_chars(*plain));
 }
 
+// Values carry a leading version byte: it also keeps the SIV plaintext non-empty, which
+// OpenSSL's AES-SIV does not accept.
+constexpr uint8_t kXattrValueVersion = 1;
+
 Result<Bytes> encrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value) {
-  return keys.names().seal(as_bytes(stored_name), value);
+  Bytes framed;
+  framed.reserve(value.size() + 1);
+  framed.push_back(kXattrValueVersion);
+  framed.insert(framed.end(), value.begin(), value.end());
+  return keys.names().seal(as_bytes(stored_name), framed);
 }
 
 Result<Bytes> decrypt_xattr_value(const VolumeKeys& keys, std::string_view stored_name, ByteView value) {
-  return keys.names().open(as_bytes(stored_name), value);
+  auto framed = keys.names().open(as_bytes(stored_name), value);
+  if (!framed.ok()) return framed.status();
+  if (framed->empty() || framed->front() != kXattrValueVersion) {
+    return Status(Code::kUnsupported, "unknown xattr value version");
+  }
+  return Bytes(framed->begin() + 1, framed->end());
 }
 
 }  // namespace envelopefs

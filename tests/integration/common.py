@@ -1,0 +1,165 @@
+"""Helpers for the integration tests: a real envelopefs volume, mounted with the real binary.
+
+Every test gets its own temporary directory holding the cipher dir, the mountpoint, a
+throwaway root key and the daemon's log. The binary comes from ENVELOPEFS_BIN (set by ctest).
+"""
+import ctypes
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+BIN = os.environ.get("ENVELOPEFS_BIN", os.path.join(os.path.dirname(__file__), "../../build/envelopefs"))
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(args, check=True, **kw):
+    r = subprocess.run(args, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}): {r.stdout}{r.stderr}")
+    return r
+
+
+def is_mounted(path):
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+class Volume:
+    def __init__(self, block_size=4096, init=True):
+        self.root = tempfile.mkdtemp(prefix="efs-it-")
+        os.chmod(self.root, 0o755)
+        self.cipher = os.path.join(self.root, "cipher")
+        self.mnt = os.path.join(self.root, "mnt")
+        self.key = os.path.join(self.root, "root.key")
+        self.log = os.path.join(self.root, "daemon.log")
+        os.mkdir(self.mnt)
+        if init:
+            run([BIN, "init", "--kms", "file:" + self.key, "--block-size", str(block_size), self.cipher])
+
+    def path(self, *parts):
+        return os.path.join(self.mnt, *parts)
+
+    def mount(self, *args):
+        run([BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
+        assert is_mounted(self.mnt)
+
+    def daemon_pid(self):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"envelopefs") and self.mnt.encode() in argv and b"mount" in argv:
+                return int(pid)
+        return None
+
+    def unmount(self):
+        pid = self.daemon_pid()
+        run([BIN, "unmount", self.mnt])
+        self._wait_gone(pid)
+
+    def kill9(self):
+        pid = self.daemon_pid()
+        assert pid, "daemon not found"
+        os.kill(pid, signal.SIGKILL)
+        self._wait_gone(pid)
+        subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+
+    def remount(self, *args):
+        self.unmount()
+        self.mount(*args)
+
+    @staticmethod
+    def _wait_gone(pid, timeout=20):
+        if pid is None:
+            return
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"daemon {pid} still running")
+
+    def log_text(self):
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def backing_files(self):
+        """All regular files in the cipher dir that hold file data (not our own records)."""
+        out = []
+        for d, _, files in os.walk(self.cipher):
+            for f in files:
+                if "." not in f or f.startswith("envelopefs.long.") and not f.endswith(".name"):
+                    out.append(os.path.join(d, f))
+        return out
+
+    def cleanup(self):
+        if is_mounted(self.mnt):
+            try:
+                self.unmount()
+            except AssertionError:
+                subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class VolumeTest(unittest.TestCase):
+    block_size = 4096
+    mount_args = ()
+
+    def setUp(self):
+        self.vol = Volume(self.block_size)
+        self.vol.mount(*self.mount_args)
+
+    def tearDown(self):
+        self.vol.cleanup()
+
+
+def rand_bytes(n, seed=None):
+    r = random.Random(seed)
+    return r.randbytes(n)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_file(path, data, fsync=False):
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def renameat2(old, new, flags):
+    AT_FDCWD = -100
+    rc = libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), ctypes.c_uint(flags))
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fallocate(fd, mode, off, length):
+    rc = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_long(off), ctypes.c_long(length))
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def main():
+    unittest.main(verbosity=2)

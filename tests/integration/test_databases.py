@@ -1,0 +1,108 @@
+"""Databases on the mount: SQLite in WAL mode and PostgreSQL (initdb, pgbench, amcheck), both
+checked clean after a remount. PostgreSQL runs as user postgres through --allow-other."""
+import glob
+import os
+import pwd
+import random
+import shutil
+import sqlite3
+import subprocess
+import unittest
+
+from common import VolumeTest, main, run
+
+
+class Sqlite(VolumeTest):
+    def test_wal_mode_integrity_across_remount(self):
+        db = self.vol.path("test.db")
+        con = sqlite3.connect(db)
+        self.assertEqual(con.execute("PRAGMA journal_mode=WAL").fetchone()[0], "wal")
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, k INTEGER, v BLOB)")
+        con.execute("CREATE INDEX tk ON t(k)")
+        r = random.Random(1)
+        for batch in range(20):
+            with con:
+                con.executemany("INSERT INTO t (k, v) VALUES (?, ?)",
+                                [(r.randrange(1 << 30), r.randbytes(r.randrange(10, 3000))) for _ in range(500)])
+        with con:
+            for _ in range(2000):
+                con.execute("UPDATE t SET v = ? WHERE id = ?", (r.randbytes(200), r.randrange(1, 10000)))
+            con.execute("DELETE FROM t WHERE id % 7 = 0")
+        self.assertEqual(con.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        count = con.execute("SELECT count(*) FROM t").fetchone()[0]
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        self.vol.remount()
+        con = sqlite3.connect(db)
+        self.assertEqual(con.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        self.assertEqual(con.execute("SELECT count(*) FROM t").fetchone()[0], count)
+        con.close()
+
+
+def pg_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+@unittest.skipUnless(pg_bin() and shutil.which("pgbench"), "PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
+class Postgres(VolumeTest):
+    mount_args = ("--allow-other",)
+
+    def as_pg(self, *args, check=True):
+        return run(["runuser", "-u", "postgres", "--", *args], check=check)
+
+    def test_initdb_pgbench_amcheck(self):
+        pg = pg_bin()
+        pw = pwd.getpwnam("postgres")
+        data = self.vol.path("pgdata")
+        sock = os.path.join(self.vol.root, "sock")
+        os.mkdir(data)
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+        os.mkdir(sock)
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.vol.root, 0o755)
+        port = str(20000 + os.getpid() % 20000)
+        self.as_pg(f"{pg}/initdb", "-D", data, "--no-instructions", "-A", "trust")
+        logf = os.path.join(sock, "pg.log")
+        start = [f"{pg}/pg_ctl", "-D", data, "-l", logf, "-w", "-o", f"-k {sock} -p {port} -c listen_addresses=''", "start"]
+        stop = [f"{pg}/pg_ctl", "-D", data, "-w", "-m", "fast", "stop"]
+        self.as_pg(*start)
+        try:
+            env = ["-h", sock, "-p", port]
+            self.as_pg("pgbench", *env, "-i", "-s", "2", "postgres")
+            r = self.as_pg("pgbench", *env, "-c", "4", "-T", "8", "postgres")
+            self.assertIn("tps", r.stdout)
+        finally:
+            self.as_pg(*stop, check=False)
+        self.vol.remount("--allow-other")
+        self.as_pg(*start)
+        try:
+            env = ["-h", sock, "-p", port]
+            self.as_pg("psql", *env, "-v", "ON_ERROR_STOP=1", "-c", "CREATE EXTENSION IF NOT EXISTS amcheck", "postgres")
+            check = ("SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_index i "
+                     "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                     "WHERE a.amname = 'btree' AND c.relpersistence != 't') s")
+            r = self.as_pg("psql", *env, "-v", "ON_ERROR_STOP=1", "-tAc", check, "postgres")
+            self.assertGreater(int(r.stdout.strip()), 10)
+            r = self.as_pg("psql", *env, "-tAc", "SELECT count(*) FROM pgbench_accounts", "postgres")
+            self.assertEqual(int(r.stdout.strip()), 200000)
+        finally:
+            self.as_pg(*stop, check=False)
+
+
+@unittest.skipUnless(shutil.which("fio"), "fio is not installed (apt-get install fio)")
+class Fio(VolumeTest):
+    def test_io_uring_direct_with_verify(self):
+        r = run(["fio", "--name=verify", f"--directory={self.vol.mnt}", "--ioengine=io_uring", "--direct=1",
+                 "--rw=randrw", "--bs=4k", "--size=32m", "--iodepth=16", "--numjobs=2",
+                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting"])
+        self.assertIn("verify", r.stdout)
+        r = run(["fio", "--name=seq", f"--directory={self.vol.mnt}", "--ioengine=io_uring", "--direct=1",
+                 "--rw=write", "--bs=1m", "--size=64m", "--iodepth=4", "--verify=md5", "--do_verify=1",
+                 "--verify_fatal=1"])
+        self.assertNotIn("verify failed", r.stdout + r.stderr)
+
+
+if __name__ == "__main__":
+    main()

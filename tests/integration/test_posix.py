@@ -1,0 +1,299 @@
+"""POSIX behaviour of a mounted volume: round trips across remount, confidentiality of the
+cipher dir, and the operations a local filesystem must support."""
+import errno
+import fcntl
+import mmap
+import multiprocessing
+import os
+import stat
+
+from common import (Volume, VolumeTest, fallocate, main, rand_bytes, read_file, renameat2,
+                    write_file)
+
+SIZES = [0, 1, 100, 4095, 4096, 4097, 31 * 4096 - 1, 31 * 4096, 31 * 4096 + 1, (1 << 20) + 3, 5 << 20]
+
+
+class RoundTrip(VolumeTest):
+    def test_random_files_of_many_sizes_survive_remount(self):
+        files = {f"f{n}": rand_bytes(n, seed=n) for n in SIZES}
+        for name, data in files.items():
+            write_file(self.vol.path(name), data)
+        for name, data in files.items():
+            self.assertEqual(read_file(self.vol.path(name)), data, name)
+        self.vol.remount()
+        for name, data in files.items():
+            self.assertEqual(os.stat(self.vol.path(name)).st_size, len(data), name)
+            self.assertEqual(read_file(self.vol.path(name)), data, name)
+
+    def test_nothing_plaintext_in_cipher_dir(self):
+        os.mkdir(self.vol.path("dir-MARKER"))
+        write_file(self.vol.path("dir-MARKER", "name-MARKER.txt"), b"CONTENT-MARKER " * 5000)
+        os.symlink("target-MARKER", self.vol.path("link-MARKER"))
+        os.setxattr(self.vol.path("dir-MARKER", "name-MARKER.txt"), "user.xname-MARKER", b"XVALUE-MARKER")
+        self.vol.unmount()
+        for d, dirs, files in os.walk(self.vol.cipher):
+            for n in dirs + files:
+                self.assertNotIn("MARKER", n)
+                p = os.path.join(d, n)
+                if os.path.islink(p):
+                    self.assertNotIn("MARKER", os.readlink(p))
+                elif os.path.isfile(p):
+                    self.assertNotIn(b"MARKER", read_file(p))
+                    for x in os.listxattr(p):
+                        self.assertNotIn("MARKER", x)
+                        self.assertNotIn(b"MARKER", os.getxattr(p, x))
+        self.vol.mount()
+        self.assertEqual(os.readlink(self.vol.path("link-MARKER")), "target-MARKER")
+
+
+class RoundTrip16K(RoundTrip):
+    block_size = 16384
+
+
+class RoundTripNoUring(RoundTrip):
+    mount_args = ("--no-uring", "--no-writeback")
+
+
+class Namespace(VolumeTest):
+    def test_rename_over_existing_and_flags(self):
+        write_file(self.vol.path("a"), b"A")
+        write_file(self.vol.path("b"), b"B")
+        os.rename(self.vol.path("a"), self.vol.path("b"))
+        self.assertFalse(os.path.exists(self.vol.path("a")))
+        self.assertEqual(read_file(self.vol.path("b")), b"A")
+        write_file(self.vol.path("c"), b"C")
+        with self.assertRaises(OSError) as cm:
+            renameat2(self.vol.path("c"), self.vol.path("b"), 1)  # RENAME_NOREPLACE
+        self.assertEqual(cm.exception.errno, errno.EEXIST)
+        renameat2(self.vol.path("c"), self.vol.path("b"), 2)  # RENAME_EXCHANGE
+        self.assertEqual(read_file(self.vol.path("b")), b"C")
+        self.assertEqual(read_file(self.vol.path("c")), b"A")
+        os.mkdir(self.vol.path("d"))
+        os.rename(self.vol.path("c"), self.vol.path("d", "moved"))
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("d", "moved")), b"A")
+
+    def test_hard_links(self):
+        write_file(self.vol.path("x"), b"one")
+        os.mkdir(self.vol.path("sub"))
+        os.link(self.vol.path("x"), self.vol.path("sub", "y"))
+        self.assertEqual(os.stat(self.vol.path("x")).st_nlink, 2)
+        self.assertEqual(os.stat(self.vol.path("x")).st_ino, os.stat(self.vol.path("sub", "y")).st_ino)
+        with open(self.vol.path("sub", "y"), "r+b") as f:
+            f.write(b"two")
+        self.assertEqual(read_file(self.vol.path("x")), b"two")
+        os.unlink(self.vol.path("x"))
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("sub", "y")), b"two")
+        self.assertEqual(os.stat(self.vol.path("sub", "y")).st_nlink, 1)
+
+    def test_unlink_while_open(self):
+        fd = os.open(self.vol.path("tmp"), os.O_CREAT | os.O_RDWR, 0o600)
+        os.unlink(self.vol.path("tmp"))
+        os.pwrite(fd, b"still here" * 1000, 0)
+        self.assertEqual(os.pread(fd, 10, 9990), b"still here")
+        os.close(fd)
+        self.assertEqual(os.listdir(self.vol.mnt), [])
+
+    def test_mkdir_rmdir_and_long_names(self):
+        os.makedirs(self.vol.path("a", "b", "c"))
+        with self.assertRaises(OSError) as cm:
+            os.rmdir(self.vol.path("a"))
+        self.assertEqual(cm.exception.errno, errno.ENOTEMPTY)
+        write_file(self.vol.path("a", "b", "c", "f"), b"x")  # the directory still works
+        long_name = "L" * 255
+        write_file(self.vol.path("a", long_name), b"long")
+        os.mkdir(self.vol.path("a", "D" * 250))
+        os.rename(self.vol.path("a", long_name), self.vol.path("a", "M" * 254))
+        self.assertEqual(sorted(os.listdir(self.vol.path("a"))), sorted(["b", "D" * 250, "M" * 254]))
+        with self.assertRaises(OSError) as cm:
+            write_file(self.vol.path("a", "N" * 256), b"")
+        self.assertEqual(cm.exception.errno, errno.ENAMETOOLONG)
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("a", "M" * 254)), b"long")
+        os.unlink(self.vol.path("a", "M" * 254))
+        os.rmdir(self.vol.path("a", "D" * 250))
+        os.unlink(self.vol.path("a", "b", "c", "f"))
+        os.rmdir(self.vol.path("a", "b", "c"))
+        for d, dirs, files in os.walk(self.vol.cipher):
+            for n in dirs + files:
+                self.assertLessEqual(len(n), 255)
+        self.assertEqual(os.listdir(self.vol.path("a")), ["b"])
+
+    def test_many_files_and_symlinks(self):
+        names = {f"file-{i:04d}" for i in range(600)}
+        for n in names:
+            write_file(self.vol.path(n), n.encode())
+        os.symlink("file-0001", self.vol.path("lnk"))
+        os.symlink("/" + "t" * 2000, self.vol.path("longlink"))
+        self.vol.remount()
+        self.assertEqual(set(os.listdir(self.vol.mnt)), names | {"lnk", "longlink"})
+        self.assertEqual(read_file(self.vol.path("lnk")), b"file-0001")
+        self.assertEqual(os.readlink(self.vol.path("longlink")), "/" + "t" * 2000)
+        self.assertEqual(os.lstat(self.vol.path("lnk")).st_size, len("file-0001"))
+
+
+class FileOps(VolumeTest):
+    def test_sparse_holes_and_truncate_both_ways(self):
+        p = self.vol.path("sparse")
+        with open(p, "wb") as f:
+            f.write(b"head")
+            f.seek(50 << 20)
+            f.write(b"tail")
+        self.assertEqual(os.stat(p).st_size, (50 << 20) + 4)
+        with open(p, "rb") as f:
+            f.seek(20 << 20)
+            self.assertEqual(f.read(1 << 20), bytes(1 << 20))
+        os.truncate(p, 3)
+        self.assertEqual(read_file(p), b"hea")
+        os.truncate(p, 10000)
+        self.assertEqual(read_file(p), b"hea" + bytes(9997))
+        self.vol.remount()
+        self.assertEqual(read_file(p), b"hea" + bytes(9997))
+
+    def test_fallocate_and_punch_hole(self):
+        p = self.vol.path("fa")
+        write_file(p, rand_bytes(100000, 1))
+        fd = os.open(p, os.O_RDWR)
+        os.posix_fallocate(fd, 0, 300000)
+        self.assertEqual(os.fstat(fd).st_size, 300000)
+        fallocate(fd, 0x01 | 0x02, 8192, 16384)  # KEEP_SIZE | PUNCH_HOLE
+        os.close(fd)
+        data = read_file(p)
+        want = bytearray(rand_bytes(100000, 1) + bytes(200000))
+        want[8192:8192 + 16384] = bytes(16384)
+        self.assertEqual(data, bytes(want))
+
+    def test_o_append(self):
+        p = self.vol.path("log")
+        for i in range(50):
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(fd, f"line {i}\n".encode())
+            os.close(fd)
+        self.assertEqual(read_file(p), "".join(f"line {i}\n" for i in range(50)).encode())
+
+    def test_o_direct(self):
+        p = self.vol.path("direct")
+        buf = mmap.mmap(-1, 1 << 20)
+        buf.write(rand_bytes(1 << 20, 7))
+        fd = os.open(p, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+        self.assertEqual(os.writev(fd, [buf]), 1 << 20)
+        out = mmap.mmap(-1, 1 << 20)
+        self.assertEqual(os.preadv(fd, [out], 0), 1 << 20)
+        os.close(fd)
+        self.assertEqual(bytes(out), rand_bytes(1 << 20, 7))
+
+    def test_mmap_shared_writable(self):
+        p = self.vol.path("mm")
+        write_file(p, bytes(3 * 4096 + 5))
+        with open(p, "r+b") as f:
+            m = mmap.mmap(f.fileno(), 0)
+            m[100:105] = b"hello"
+            m[3 * 4096:3 * 4096 + 5] = b"world"
+            m.flush()
+            m.close()
+        self.vol.remount()
+        data = read_file(p)
+        self.assertEqual(data[100:105], b"hello")
+        self.assertEqual(data[3 * 4096:], b"world")
+
+    def test_xattrs(self):
+        p = self.vol.path("x")
+        write_file(p, b"")
+        os.setxattr(p, "user.a", b"1" * 3000)
+        os.setxattr(p, "user.b", b"")
+        self.assertEqual(os.getxattr(p, "user.a"), b"1" * 3000)
+        self.assertEqual(sorted(os.listxattr(p)), ["user.a", "user.b"])
+        os.removexattr(p, "user.a")
+        with self.assertRaises(OSError) as cm:
+            os.getxattr(p, "user.a")
+        self.assertEqual(cm.exception.errno, errno.ENODATA)
+        with self.assertRaises(OSError):
+            os.setxattr(p, "user.b", b"v", os.XATTR_CREATE)
+
+    def test_flock_and_posix_locks(self):
+        p = self.vol.path("lock")
+        write_file(p, b"x")
+        f = open(p, "r+b")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.lockf(f, fcntl.LOCK_EX, 1, 0)
+
+        def other(q):
+            g = open(p, "r+b")
+            results = []
+            for fn in (lambda: fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                       lambda: fcntl.lockf(g, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)):
+                try:
+                    fn()
+                    results.append("got")
+                except OSError:
+                    results.append("blocked")
+            q.put(results)
+
+        q = multiprocessing.Queue()
+        proc = multiprocessing.Process(target=other, args=(q,))
+        proc.start()
+        proc.join()
+        self.assertEqual(q.get(), ["blocked", "blocked"])
+        f.close()
+
+    def test_utimens_chmod_chown_statfs(self):
+        p = self.vol.path("meta")
+        write_file(p, b"m")
+        os.utime(p, ns=(1_000_000_123, 2_000_000_456))
+        os.chmod(p, 0o640)
+        os.chown(p, 1234, 5678)
+        self.vol.remount()
+        st = os.stat(p)
+        self.assertEqual(st.st_mtime_ns, 2_000_000_456)
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o640)
+        self.assertEqual((st.st_uid, st.st_gid), (1234, 5678))
+        vfs = os.statvfs(self.vol.mnt)
+        self.assertEqual(vfs.f_namemax, 255)
+        self.assertGreater(vfs.f_blocks, 0)
+
+    def test_partial_overwrites_match_model(self):
+        import random
+        r = random.Random(11)
+        p = self.vol.path("model")
+        model = bytearray()
+        fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+        for _ in range(400):
+            off = r.randrange(0, 600000)
+            data = r.randbytes(r.randrange(1, 20000))
+            os.pwrite(fd, data, off)
+            if len(model) < off + len(data):
+                model.extend(bytes(off + len(data) - len(model)))
+            model[off:off + len(data)] = data
+        os.close(fd)
+        self.assertEqual(read_file(p), bytes(model))
+        self.vol.remount()
+        self.assertEqual(read_file(p), bytes(model))
+
+
+class ErrorsAndCli(VolumeTest):
+    def test_mount_fails_closed_with_wrong_key(self):
+        self.vol.unmount()
+        with open(self.vol.key, "wb") as f:
+            f.write(os.urandom(32))
+        from common import run, BIN, is_mounted
+        r = run([BIN, "mount", self.vol.cipher, self.vol.mnt], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("does not unwrap", r.stderr)
+        self.assertFalse(is_mounted(self.vol.mnt))
+
+    def test_status_json_and_init_refusals(self):
+        import json
+        from common import run, BIN
+        j = json.loads(run([BIN, "status", "--json", self.vol.mnt]).stdout)
+        self.assertEqual(j["cipher_dir"], self.vol.cipher)
+        self.assertEqual(j["mounted_at"], [self.vol.mnt])
+        self.assertEqual(j["deks"][0]["state"], "active")
+        r = run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("already", r.stderr)
+        self.assertEqual(run([BIN, "--version"]).stdout.split()[0], "envelopefs")
+
+
+if __name__ == "__main__":
+    main()
