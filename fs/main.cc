@@ -31,6 +31,12 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
     std::fprintf(stderr, "envelopefs init: cannot create %s: %s\n", dir.c_str(), ec.message().c_str());
     return 1;
   }
+  // The cipher dir's own entry must survive a power cut along with the config inside it.
+  std::string parent = std::filesystem::absolute(dir).lexically_normal().parent_path().string();
+  if (int pfd = open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); pfd >= 0) {
+    fsync(pfd);
+    close(pfd);
+  }
   CreateOptions opt;
   opt.root_uri = kms;
   opt.block_size = block_size;
