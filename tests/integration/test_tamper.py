@@ -19,15 +19,14 @@ class Tamper(VolumeTest):
         super().setUp()
         self.a = rand_bytes(40 * BS, 1)
         self.b = rand_bytes(40 * BS, 2)
+        # Create the files one mount at a time, so which backing file is which is certain.
         write_file(self.vol.path("a"), self.a)
+        self.vol.unmount()
+        (self.back_a,) = self.vol.backing_files()
+        self.vol.mount()
         write_file(self.vol.path("b"), self.b)
         self.vol.unmount()
-        files = sorted(self.vol.backing_files())
-        self.assertEqual(len(files), 2)
-        # Tell the two backing files apart by reading through a mount later; here by order of
-        # creation (inode number) is enough.
-        files.sort(key=lambda p: os.stat(p).st_ino)
-        self.back_a, self.back_b = files
+        (self.back_b,) = set(self.vol.backing_files()) - {self.back_a}
 
     def patch(self, path, off, data):
         with open(path, "r+b") as f:

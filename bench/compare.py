@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: ext4 directly, libfuse's passthrough_ll (the plain-FUSE baseline,
+compiled here from libfuse3-dev's example), envelopefs, and gocryptfs/securefs when installed
+(apt-get install gocryptfs securefs). Everything runs back to back in one invocation and is
+reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
+
+  sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
+                                [--no-pgbench] [--no-tree] [--out results.md]
+"""
+import argparse
+import glob
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EXAMPLES = "/usr/share/doc/libfuse3-dev/examples"
+
+
+def sh(cmd, check=True, **kw):
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{cmd}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def meminfo(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pid_of(pattern):
+    r = sh(["pgrep", "-f", pattern], check=False)
+    pids = [int(p) for p in r.stdout.split()]
+    return pids[0] if pids else None
+
+
+def peak_rss(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, TypeError):
+        pass
+    return None
+
+
+class Fs:
+    """A filesystem under test: set up a mount (or a plain directory), tear it down."""
+    fuse = True
+
+    def __init__(self, name, work):
+        self.name = name
+        self.work = os.path.join(work, name)
+        self.cipher = os.path.join(self.work, "cipher")
+        self.mnt = os.path.join(self.work, "mnt")
+        os.makedirs(self.cipher, exist_ok=True)
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def daemon_pid(self):
+        return None
+
+    def unmount(self):
+        if self.fuse:
+            sh(["umount", self.mnt], check=False)
+            time.sleep(0.5)
+
+
+class Ext4(Fs):
+    fuse = False
+
+    def mount(self):
+        self.mnt = self.cipher
+
+
+class Passthrough(Fs):
+    def __init__(self, name, work, writeback):
+        super().__init__(name, work)
+        self.writeback = writeback
+        self.bin = os.path.join(work, "passthrough_ll")
+        if not os.path.exists(self.bin):
+            sh(f"gcc -O2 -o {self.bin} {EXAMPLES}/passthrough_ll.c -I{EXAMPLES} $(pkg-config fuse3 --cflags --libs)")
+
+    def mount(self):
+        opts = f"source={self.cipher},allow_other" + (",writeback" if self.writeback else "")
+        sh([self.bin, "-o", opts, self.mnt])
+
+    def daemon_pid(self):
+        return pid_of(f"passthrough_ll -o source={self.cipher}")
+
+
+class Envelopefs(Fs):
+    def __init__(self, name, work, binary, extra=()):
+        super().__init__(name, work)
+        self.bin = binary
+        self.extra = list(extra)
+        key = os.path.join(self.work, "root.key")
+        if not os.path.exists(os.path.join(self.cipher, "envelopefs.conf")):
+            sh([self.bin, "init", "--kms", "file:" + key, self.cipher])
+
+    def mount(self):
+        sh([self.bin, "mount", "--allow-other", *self.extra, self.cipher, self.mnt])
+
+    def daemon_pid(self):
+        return pid_of(f"envelopefs mount .*{self.cipher}")
+
+
+class Gocryptfs(Fs):
+    def mount(self):
+        if not os.path.exists(os.path.join(self.cipher, "gocryptfs.conf")):
+            sh(["gocryptfs", "-init", "-q", "-extpass", "echo benchpass", "-scryptn", "10", self.cipher])
+        sh(["gocryptfs", "-q", "-allow_other", "-extpass", "echo benchpass", self.cipher, self.mnt])
+
+    def daemon_pid(self):
+        return pid_of(f"gocryptfs .*{self.cipher}")
+
+
+class Securefs(Fs):
+    def mount(self):
+        if not os.path.exists(os.path.join(self.cipher, ".securefs.json")):
+            sh(["securefs", "create", "--pass", "benchpass", self.cipher])
+        sh(["securefs", "mount", "-b", "--pass", "benchpass", "-o", "allow_other", self.cipher, self.mnt])
+        time.sleep(1)
+
+    def daemon_pid(self):
+        return pid_of(f"securefs mount .*{self.cipher}")
+
+
+def fio(mnt, name, size, runtime, **opts):
+    args = ["fio", f"--name={name}", f"--directory={mnt}", f"--size={size}", "--output-format=json",
+            "--group_reporting", "--time_based=0"]
+    for k, v in opts.items():
+        args.append(f"--{k}={v}")
+    if runtime:
+        args += [f"--runtime={runtime}"]
+    r = sh(args)
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    return job
+
+
+def run_fio_suite(fs, size, runtime):
+    res = {}
+    mnt = fs.mnt
+    drop_caches()
+    j = fio(mnt, "seqwrite", size, 0, rw="write", bs="1M", ioengine="psync", end_fsync=1)
+    res["seq write MiB/s"] = j["write"]["bw"] / 1024
+    drop_caches()
+    cached0 = meminfo("Cached")
+    j = fio(mnt, "seqwrite", size, 0, rw="read", bs="1M", ioengine="psync")
+    res["seq read MiB/s"] = j["read"]["bw"] / 1024
+    res["page cache growth on read MiB"] = (meminfo("Cached") - cached0) / 1048576
+    drop_caches()
+    j = fio(mnt, "seqwrite", size, runtime, rw="randread", bs="4k", ioengine="psync", time_based=1)
+    res["4k rand read IOPS"] = j["read"]["iops"]
+    drop_caches()
+    j = fio(mnt, "seqwrite", size, runtime, rw="randwrite", bs="4k", ioengine="psync", time_based=1)
+    res["4k rand write IOPS"] = j["write"]["iops"]
+    drop_caches()
+    j = fio(mnt, "seqwrite", size, runtime, rw="randrw", rwmixread=70, bs="4k", ioengine="io_uring",
+            iodepth=16, time_based=1)
+    res["4k randrw qd16 IOPS"] = j["read"]["iops"] + j["write"]["iops"]
+    drop_caches()
+    j = fio(mnt, "dblog", "64M", runtime, rw="write", bs="4k", ioengine="psync", fdatasync=1, time_based=1)
+    res["db log 4k+fdatasync IOPS"] = j["write"]["iops"]
+    for f in glob.glob(os.path.join(mnt, "seqwrite*")) + glob.glob(os.path.join(mnt, "dblog*")):
+        os.unlink(f)
+    return res
+
+
+def run_tree(fs, src):
+    res = {}
+    dst = os.path.join(fs.mnt, "tree")
+    drop_caches()
+    t = time.time()
+    sh(["cp", "-r", src, dst])
+    os.sync()
+    res["cp -r tree s"] = time.time() - t
+    drop_caches()
+    t = time.time()
+    sh(f"find {dst} -type f -print0 | xargs -0 cat > /dev/null")
+    res["read tree s"] = time.time() - t
+    t = time.time()
+    sh(["rm", "-rf", dst])
+    res["rm -rf tree s"] = time.time() - t
+    return res
+
+
+def run_pgbench(fs, seconds):
+    pg = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not pg or not shutil.which("pgbench"):
+        return {}
+    pg = pg[-1]
+    pw = pwd.getpwnam("postgres")
+    data = os.path.join(fs.mnt, "pgdata")
+    sock = tempfile.mkdtemp(prefix="pgsock-")
+    os.chown(sock, pw.pw_uid, pw.pw_gid)
+    os.makedirs(data, exist_ok=True)
+    os.chown(data, pw.pw_uid, pw.pw_gid)
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    port = "25432"
+    try:
+        sh(as_pg + [f"{pg}/initdb", "-D", data, "--no-instructions", "-A", "trust"])
+        sh(as_pg + [f"{pg}/pg_ctl", "-D", data, "-l", os.path.join(sock, "log"), "-w", "-o",
+                    f"-k {sock} -p {port} -c listen_addresses=''", "start"])
+        sh(as_pg + ["pgbench", "-h", sock, "-p", port, "-i", "-s", "10", "-q", "postgres"])
+        r = sh(as_pg + ["pgbench", "-h", sock, "-p", port, "-c", "4", "-j", "2", "-T", str(seconds), "postgres"])
+        tps = [l for l in r.stdout.splitlines() if l.startswith("tps")]
+        return {"pgbench TPS": float(tps[0].split("=")[1].split()[0])}
+    finally:
+        sh(as_pg + [f"{pg}/pg_ctl", "-D", data, "-w", "-m", "fast", "stop"], check=False)
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+HIGHER_IS_BETTER = lambda k: not k.endswith(" s") and "MiB" not in k.split(" on ")[-1] or k.endswith("MiB/s")
+
+
+def fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v < 100:
+        return f"{v:.2f}"
+    return f"{v:,.0f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--runtime", type=int, default=15)
+    ap.add_argument("--pgbench-seconds", type=int, default=30)
+    ap.add_argument("--work", default="/var/tmp/envelopefs-bench")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "build/envelopefs"))
+    ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,gocryptfs,securefs")
+    ap.add_argument("--tree", default="/usr/include", help="directory tree for the cp -r phase")
+    ap.add_argument("--no-pgbench", action="store_true")
+    ap.add_argument("--no-tree", action="store_true")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    shutil.rmtree(a.work, ignore_errors=True)
+    os.makedirs(a.work)
+    candidates = [("ext4", lambda: Ext4("ext4", a.work)),
+                  ("passthrough", lambda: Passthrough("passthrough", a.work, False)),
+                  ("passthrough-wb", lambda: Passthrough("passthrough-wb", a.work, True)),
+                  ("envelopefs", lambda: Envelopefs("envelopefs", a.work, a.binary))]
+    for peer, cls in (("gocryptfs", Gocryptfs), ("securefs", Securefs)):
+        if shutil.which(peer):
+            candidates.append((peer, lambda p=peer, c=cls: c(p, a.work)))
+        else:
+            print(f"# {peer} not installed: apt-get install {peer}", file=sys.stderr)
+    only = set(filter(None, a.only.split(",")))
+    results = {}
+    for name, make in candidates:
+        if only and name not in only:
+            continue
+        fs = make()
+        print(f"== {name}", file=sys.stderr)
+        fs.mount()
+        try:
+            r = run_fio_suite(fs, a.size, a.runtime)
+            if not a.no_tree:
+                r.update(run_tree(fs, a.tree))
+            if not a.no_pgbench:
+                r.update(run_pgbench(fs, a.pgbench_seconds))
+            rss = peak_rss(fs.daemon_pid())
+            r["daemon peak RSS MiB"] = rss / 1048576 if rss else None
+            results[name] = r
+            print(json.dumps(r), file=sys.stderr)
+        finally:
+            fs.unmount()
+    keys = []
+    for r in results.values():
+        keys += [k for k in r if k not in keys]
+    names = list(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(fmt(results[n].get(k)) for n in names) + " |")
+    peers = [n for n in names if n in ("gocryptfs", "securefs")]
+    if "envelopefs" in results:
+        lines.append("")
+        lines.append("| metric | envelopefs / best peer | envelopefs / passthrough | envelopefs / ext4 |")
+        lines.append("|---|---|---|---|")
+        e = results["envelopefs"]
+        for k in keys:
+            if k.startswith("daemon") or k.startswith("page cache") or e.get(k) is None:
+                continue
+            lower_better = k.endswith(" s")
+            def ratio(other):
+                if other is None or not e.get(k):
+                    return "-"
+                return f"{(other / e[k]) if lower_better else (e[k] / other):.2f}x"
+            best = None
+            for p in peers:
+                v = results[p].get(k)
+                if v is not None:
+                    best = v if best is None else (min(best, v) if lower_better else max(best, v))
+            lines.append(f"| {k} | {ratio(best)} | {ratio(results.get('passthrough', {}).get(k))} | "
+                         f"{ratio(results.get('ext4', {}).get(k))} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
