@@ -117,6 +117,17 @@ void BM_PageSeal(benchmark::State& state) {
 }
 BENCHMARK(BM_PageSeal);
 
+// Name encryption happens on every lookup, create, unlink and rename.
+void BM_NameSeal(benchmark::State& state) {
+  VolumeKeys& k = keys();
+  std::array<uint8_t, 16> nonce{};
+  for (auto _ : state) {
+    auto r = k.names().seal(nonce, as_bytes("some-file-name.txt"));
+    benchmark::DoNotOptimize(r);
+  }
+}
+BENCHMARK(BM_NameSeal);
+
 // Collects bytes/s per benchmark and prints the ratios the issue asks for.
 class RatioReporter : public benchmark::ConsoleReporter {
  public:

@@ -46,12 +46,13 @@ Status KeyWrapper::wrap(ByteView key, MutByteView out) {
   std::memcpy(a, kDefaultIv, 8);
   std::memmove(r, key.data(), key.size());
   uint8_t b[16];
-  int len = 0;
+  // EVP_Cipher goes straight to the provider's block function: half the cost of
+  // EVP_EncryptUpdate's buffering for one 16-byte block, 24 times per wrap.
   for (uint64_t j = 0; j < 6; ++j) {
     for (size_t i = 0; i < n; ++i) {
       std::memcpy(b, a, 8);
       std::memcpy(b + 8, r + 8 * i, 8);
-      if (EVP_EncryptUpdate(ctx, b, &len, b, 16) != 1) {
+      if (EVP_Cipher(ctx, b, b, 16) <= 0) {
         OPENSSL_cleanse(out.data(), out.size());
         return Status(Code::kInternal, "key wrap: AES failed");
       }
@@ -79,13 +80,12 @@ Status KeyWrapper::unwrap(ByteView wrapped, MutByteView out) {
   uint8_t* r = out.data();
   std::memmove(r, wrapped.data() + 8, out.size());
   uint8_t b[16];
-  int len = 0;
   for (uint64_t j = 6; j-- > 0;) {
     for (size_t i = n; i-- > 0;) {
       std::memcpy(b, a, 8);
       xor_counter(b, n * j + i + 1);
       std::memcpy(b + 8, r + 8 * i, 8);
-      if (EVP_DecryptUpdate(ctx, b, &len, b, 16) != 1) {
+      if (EVP_Cipher(ctx, b, b, 16) <= 0) {
         OPENSSL_cleanse(out.data(), out.size());
         return Status(Code::kInternal, "key unwrap: AES failed");
       }

@@ -13,6 +13,7 @@ namespace envelopefs {
 namespace {
 
 std::atomic<AuthFailureLog> g_auth_log{nullptr};
+std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
 
 }  // namespace
 
@@ -27,7 +28,10 @@ void CipherFile::set_auth_failure_log(AuthFailureLog log) { g_auth_log.store(log
 
 CipherFile::CipherFile(int fd, VolumeKeys& keys, IoBackend& io, const FileId& id, uint64_t backing)
     : fd_(fd), keys_(keys), io_(io), layout_(keys.block_size()), id_(id),
-      size_(layout_.plaintext_size(backing)) {}
+      size_(layout_.plaintext_size(backing)),
+      reserved_end_(backing) {}
+
+CipherFile::~CipherFile() { g_cached_pages.fetch_sub(pages_.size()); }
 
 Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys, IoBackend& io) {
   FileId id;
@@ -39,6 +43,7 @@ Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys,
   ENVELOPEFS_RETURN_IF_ERROR(io.run({&req, 1}));
   auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, kMetaPageSize));
   f->pages_[0] = std::make_unique<Page>(Page{header, false});
+  g_cached_pages++;
   return f;
 }
 
@@ -60,6 +65,7 @@ Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, I
   auto f = std::unique_ptr<CipherFile>(
       new CipherFile(fd, keys, io, id, static_cast<uint64_t>(st.st_size)));
   f->pages_[0] = std::make_unique<Page>(Page{header, false});
+  g_cached_pages++;
   return f;
 }
 
@@ -78,8 +84,15 @@ Status CipherFile::fail(uint64_t block, Status st) const {
 Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
   // cache_mu_ is held by the caller.
   if (auto it = pages_.find(index); it != pages_.end()) return &it->second->page;
-  if (pages_.size() >= kMaxCachedPages) {
-    std::erase_if(pages_, [](const auto& kv) { return !kv.second->dirty; });
+  if (g_cached_pages.load(std::memory_order_relaxed) >= kPageBudget && pages_.size() > 16) {
+    // Over budget: give back half of this file's clean pages.
+    size_t n = 0, erased = 0;
+    std::erase_if(pages_, [&](const auto& kv) {
+      bool drop = kv.first != 0 && !kv.second->dirty && (n++ % 2 == 0);
+      erased += drop;
+      return drop;
+    });
+    g_cached_pages.fetch_sub(erased);
   }
   auto p = std::make_unique<Page>();
   if (index >= layout_.page_count(size_)) {
@@ -97,6 +110,7 @@ Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
   }
   MetaPage* raw = &p->page;
   pages_[index] = std::move(p);
+  g_cached_pages++;
   return raw;
 }
 
@@ -268,7 +282,7 @@ Status CipherFile::flush(WriteBatch& batch) {
 void CipherFile::abandon(WriteBatch& batch) {
   // The cached pages may differ from the disk now; forget them, they are re-read.
   std::lock_guard lock(cache_mu_);
-  for (auto& [index, p] : batch.dirty) pages_.erase(index);
+  for (auto& [index, p] : batch.dirty) g_cached_pages.fetch_sub(pages_.erase(index));
   batch.dirty.clear();
 }
 
@@ -311,9 +325,19 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   Status st;
   // 0. Growth: claim the space first, so running out of it changes nothing.
   if (new_size > old_size) {
-    const uint64_t from = layout_.backing_size(old_size), to = layout_.backing_size(new_size);
-    st = io_.reserve(fd_, from, to - from);
-    if (!st.ok()) return st;
+    const uint64_t to = layout_.backing_size(new_size);
+    if (to > reserved_end_) {
+      const uint64_t from = std::max(reserved_end_, layout_.backing_size(old_size));
+      const uint64_t upto = (to + kReserveStep - 1) / kReserveStep * kReserveStep;
+      st = io_.reserve(fd_, from, upto - from);
+      uint64_t reached = upto;
+      if (!st.ok() && st.code() == Code::kNoSpace && upto > to) {
+        st = io_.reserve(fd_, from, to - from);  // the whole step did not fit; this write may
+        reached = to;
+      }
+      if (!st.ok()) return st;
+      reserved_end_ = reached;
+    }
   }
   // 1. A partial tail block that this write does not reach grows to full length.
   if (old_size % bs != 0 && first > (old_size - 1) / bs) {
@@ -414,10 +438,11 @@ Status CipherFile::truncate(uint64_t new_size) {
     return st;
   }
   size_ = new_size;
+  reserved_end_ = layout_.backing_size(new_size);  // truncate releases what lay beyond
   if (verified_.size() > layout_.block_count(new_size)) verified_.resize(layout_.block_count(new_size));
   std::lock_guard lock2(cache_mu_);
   const uint64_t pages = layout_.page_count(new_size);
-  std::erase_if(pages_, [&](const auto& kv) { return kv.first >= pages; });
+  g_cached_pages.fetch_sub(std::erase_if(pages_, [&](const auto& kv) { return kv.first >= pages; }));
   return Status::Ok();
 }
 

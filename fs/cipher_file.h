@@ -42,7 +42,13 @@ class CipherFile {
   Status sync(bool data_only);
 
   static void set_auth_failure_log(AuthFailureLog log);
-  static constexpr size_t kMaxCachedPages = 256;
+  // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
+  // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.
+  static constexpr size_t kPageBudget = 16384;
+  // Growing writes reserve backing space in steps of this size (one fallocate per MiB
+  // appended instead of one per write).
+  static constexpr uint64_t kReserveStep = 1 << 20;
+  ~CipherFile();
 
   struct Page {
     MetaPage page;
@@ -83,6 +89,7 @@ class CipherFile {
   // block with two slots is checked before a full overwrite, because after a crash between a
   // metadata write and its data write the newest slot is the stale one. Guarded by rw_.
   std::vector<bool> verified_;
+  uint64_t reserved_end_;  // backing bytes known to be allocated or reserved; guarded by rw_
 
   mutable std::shared_mutex rw_;
   std::mutex cache_mu_;

@@ -176,6 +176,11 @@ Status Filesystem::readlink(uint64_t ino, std::string* target) {
 
 Status Filesystem::mknod(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,
                          Entry* out) {
+  return make_node(parent, name, mode, rdev, who, out, false);
+}
+
+Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev,
+                             Caller who, Entry* out, bool keep_open) {
   auto dir = inode(parent);
   if (!dir.ok()) return dir.status();
   auto nonce = nonce_of(**dir);
@@ -189,24 +194,36 @@ Status Filesystem::mknod(uint64_t parent, const char* name, mode_t mode, dev_t r
     FdGuard g{*dfd};
     ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
   }
+  std::shared_ptr<OpenFile> opened;
   if (S_ISREG(mode)) {
     int fd = openat(pfd, bn->entry.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode & 07777);
     if (fd < 0) return errno_status("create");
-    FdGuard g{fd};
+    opened = std::make_shared<OpenFile>();
+    opened->fd = fd;
     auto f = CipherFile::create(fd, *keys_, *io_);
     if (!f.ok()) {
       unlinkat(pfd, bn->entry.c_str(), 0);
       return f.status();
     }
+    opened->file = std::move(f).value();
   } else if (mknodat(pfd, bn->entry.c_str(), mode, rdev) != 0) {
     return errno_status("mknod");
   }
   ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
-  return make_entry(parent, pfd, bn->entry, out, true);
+  ENVELOPEFS_RETURN_IF_ERROR(make_entry(parent, pfd, bn->entry, out, true));
+  if (keep_open && opened) {
+    // Hand the descriptor we created with to the inode: no second open of the new file.
+    auto i = inodes_.get(out->ino);
+    if (!i) return Status::Io(ESTALE, "create");
+    std::lock_guard lock(i->mu);
+    if (!i->open) i->open = std::move(opened);
+    i->open_count++;
+  }
+  return Status::Ok();
 }
 
 Status Filesystem::create(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {
-  return mknod(parent, name, S_IFREG | (mode & 07777), 0, who, out);
+  return make_node(parent, name, S_IFREG | (mode & 07777), 0, who, out, true);
 }
 
 Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {

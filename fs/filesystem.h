@@ -16,8 +16,9 @@
 namespace envelopefs {
 
 struct FsOptions {
-  double attr_timeout = 1.0;
-  double entry_timeout = 1.0;
+  // We are the only writer of the cipher dir, so the kernel may trust what it caches.
+  double attr_timeout = 10.0;
+  double entry_timeout = 10.0;
   bool writeback_cache = true;
   bool direct_backing = false;  // open backing files O_DIRECT (no second page cache copy)
 };
@@ -60,6 +61,7 @@ class Filesystem {
   Status rmdir(uint64_t parent, const char* name);
   Status rename(uint64_t parent, const char* name, uint64_t newparent, const char* newname,
                 unsigned flags);
+  // Creates and opens: the new file comes back open (release() closes it).
   Status create(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out);
   Status open(uint64_t ino);
   void release(uint64_t ino);
@@ -85,6 +87,8 @@ class Filesystem {
                     bool fresh);
   Status own(int dir_fd, const std::string& backing, Caller who);
   Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
+  Status make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,
+                   Entry* out, bool keep_open);
   Status sync_parent_if_needed(Inode& inode);
 
   const std::string cipher_dir_;

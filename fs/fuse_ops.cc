@@ -173,10 +173,6 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
     Filesystem& fs = fs_of(req);
     Entry e;
     Status s = fs.create(parent, name, mode, caller(req), &e);
-    if (s.ok()) {
-      s = fs.open(e.ino);
-      if (!s.ok()) fs.forget(e.ino, 1);
-    }
     if (!s.ok()) return reply_status(req, s, "create", parent);
     set_open_flags(fi);
     fuse_entry_param p{};

@@ -360,7 +360,8 @@ TEST(CipherFile, NoSpaceLeavesOldContentAndSize) {
   auto f = fx.create("f", &faulty);
   ASSERT_TRUE(f->write(0, data).ok());
   faulty.set(test::FaultBackend::Mode::kFailReserve, ENOSPC);
-  Status st = f->write(2 * 4096, random_bytes(rng, 10 * 4096));
+  // Past the space already reserved (reservations go in steps of kReserveStep).
+  Status st = f->write(2 * CipherFile::kReserveStep, random_bytes(rng, 10 * 4096));
   EXPECT_EQ(st.code(), Code::kNoSpace);
   EXPECT_EQ(st.sys_errno(), ENOSPC);
   faulty.set(test::FaultBackend::Mode::kPass);
