@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <new>
+#include <utility>
 #include <vector>
 
 #include "crypto/random.h"
@@ -17,14 +20,35 @@ std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
 
 }  // namespace
 
+// Page-aligned heap buffer, so whole blocks can go out with O_DIRECT.
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t n)
+      : ptr(static_cast<uint8_t*>(std::aligned_alloc(4096, (n + 4095) / 4096 * 4096 + 4096))) {
+    if (ptr == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(AlignedBuffer&& o) noexcept : ptr(std::exchange(o.ptr, nullptr)) {}
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  uint8_t* data() { return ptr; }
+  uint8_t* ptr;
+};
+
 // Everything one write-like operation changes, flushed in one ordered batch.
 struct WriteBatch {
   std::unordered_map<uint64_t, CipherFile::Page*> dirty;
   std::vector<IoRequest> data;
-  std::vector<std::vector<uint8_t>> buffers;
+  std::vector<AlignedBuffer> buffers;
 };
 
 void CipherFile::set_auth_failure_log(AuthFailureLog log) { g_auth_log.store(log); }
+
+void CipherFile::route(std::span<IoRequest> requests) const {
+  for (IoRequest& q : requests) {
+    bool aligned = reinterpret_cast<uintptr_t>(q.buf) % 4096 == 0 && q.offset % 4096 == 0 && q.len % 4096 == 0;
+    q.fd = dfd_ >= 0 && aligned ? dfd_ : fd_;
+  }
+}
 
 CipherFile::CipherFile(int fd, VolumeKeys& keys, IoBackend& io, const FileId& id, uint64_t backing)
     : fd_(fd), keys_(keys), io_(io), layout_(keys.block_size()), id_(id),
@@ -101,6 +125,7 @@ Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
     p->page = MetaPage::fresh(id_, index, layout_.block_size());
   } else {
     IoRequest req{fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), false, 0};
+    route({&req, 1});
     ENVELOPEFS_RETURN_IF_ERROR(io_.run({&req, 1}));
     if (req.done != kMetaPageSize) {
       return fail(index * kBlocksPerGroup, Status(Code::kAuthFailed, "metadata page missing (backing file truncated)"));
@@ -133,6 +158,7 @@ Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* c
   for (int which : {newer, 1 - newer}) {
     if (slots[which].empty()) continue;
     IoRequest req{fd_, out, len, layout_.data_offset(index), false, 0};
+    route({&req, 1});
     ENVELOPEFS_RETURN_IF_ERROR(io_.run({&req, 1}));
     if (req.done != len) return fail(index, Status(Code::kAuthFailed, "data block truncated"));
     st = open_block(keys_, id_, index, slots[which], {out, len}, out);
@@ -153,8 +179,6 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
 
   // Fast path for whole blocks: read the ciphertext straight into the caller's buffer and
   // decrypt in place. Edge blocks go through a scratch block.
-  thread_local std::vector<uint8_t> edge;
-  edge.resize(bs);
   struct Pending {
     uint64_t index;
     uint32_t len;
@@ -194,20 +218,33 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   for (auto& p : blocks) {
     if (p.dst == nullptr) p.dst = scratch.data() + (next_edge++) * bs;
     if (p.slots[0].empty() && p.slots[1].empty()) continue;  // hole: no I/O
-    reqs.push_back({fd_, p.dst, p.len, layout_.data_offset(p.index), false, 0});
+    // Blocks contiguous on disk (within a group) and in the buffer are one request.
+    const uint64_t off = layout_.data_offset(p.index);
+    if (!reqs.empty() && reqs.back().offset + reqs.back().len == off &&
+        reqs.back().buf + reqs.back().len == p.dst) {
+      reqs.back().len += p.len;
+    } else {
+      reqs.push_back({fd_, p.dst, p.len, off, false, 0});
+    }
   }
+  route(reqs);
   ENVELOPEFS_RETURN_IF_ERROR(io_.run(reqs));
-  size_t r = 0;
+  for (const IoRequest& q : reqs) {
+    if (q.done != q.len) {
+      return fail(layout_.block_at(q.offset + q.done),
+                  Status(Code::kAuthFailed, "data block truncated (backing file shorter than its size)"));
+    }
+  }
   for (auto& p : blocks) {
     if (p.slots[0].empty() && p.slots[1].empty()) {
       std::memset(p.dst, 0, p.len);
     } else {
-      if (reqs[r++].done != p.len) return fail(p.index, Status(Code::kAuthFailed, "data block truncated"));
       int newer = p.slots[1].empty() ? 0 : p.slots[0].empty() ? 1 : seq_newer(p.slots[1].seq, p.slots[0].seq) ? 1 : 0;
       Status st = open_block(keys_, id_, p.index, p.slots[newer], {p.dst, p.len}, p.dst);
       if (!st.ok() && !p.slots[1 - newer].empty()) {
         // Interrupted write: metadata landed, data did not. The older slot describes the data.
         IoRequest again{fd_, p.dst, p.len, layout_.data_offset(p.index), false, 0};
+        route({&again, 1});
         ENVELOPEFS_RETURN_IF_ERROR(io_.run({&again, 1}));
         if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[1 - newer], {p.dst, p.len}, p.dst);
       }
@@ -223,7 +260,7 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
                                 uint32_t last_len, const int* current, WriteBatch& batch) {
   const uint32_t bs = layout_.block_size();
   const uint64_t old_count = layout_.block_count(size_);
-  batch.buffers.emplace_back((count - 1) * bs + last_len);
+  batch.buffers.emplace_back((count - 1) * bs + last_len);  // aligned, uninitialised
   uint8_t* cipher = batch.buffers.back().data();
   std::lock_guard lock(cache_mu_);
   for (uint64_t k = 0; k < count; ++k) {
@@ -270,6 +307,8 @@ Status CipherFile::flush(WriteBatch& batch) {
       page_reqs.push_back({fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), true, 0});
     }
   }
+  route(page_reqs);
+  route(batch.data);
   ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(page_reqs, batch.data));
   std::lock_guard lock(cache_mu_);
   for (auto& [index, p] : batch.dirty) p->dirty = false;

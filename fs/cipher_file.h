@@ -30,6 +30,12 @@ class CipherFile {
   static Result<std::unique_ptr<CipherFile>> open(int fd, VolumeKeys& keys, IoBackend& io);
 
   const FileId& id() const { return id_; }
+  // A second descriptor of the same backing file opened O_DIRECT: requests whose buffer,
+  // offset and length are all 4 KiB-aligned (whole blocks, metadata pages) go through it and
+  // bypass the backing page cache, so plaintext is not cached twice. -1: none. The caller keeps
+  // ownership. Mixing is coherent: the kernel flushes and invalidates cached pages around
+  // direct I/O.
+  void set_direct_fd(int direct_fd) { dfd_ = direct_fd; }
   uint64_t size() const;
   int fd() const { return fd_; }
 
@@ -79,7 +85,11 @@ class CipherFile {
   Status write_locked(uint64_t offset, ByteView data);
   Status fail(uint64_t block, Status st) const;
 
+  // Sends each aligned request through dfd_ (when set), everything else through fd_.
+  void route(std::span<IoRequest> requests) const;
+
   const int fd_;
+  int dfd_ = -1;
   VolumeKeys& keys_;
   IoBackend& io_;
   const Layout layout_;

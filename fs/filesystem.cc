@@ -9,6 +9,8 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstring>
+#include <mutex>
 
 #include "fs/log.h"
 
@@ -206,6 +208,8 @@ Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev
       return f.status();
     }
     opened->file = std::move(f).value();
+    opened->direct_fd = open_direct(fd);
+    opened->file->set_direct_fd(opened->direct_fd);
   } else if (mknodat(pfd, bn->entry.c_str(), mode, rdev) != 0) {
     return errno_status("mknod");
   }
@@ -390,6 +394,23 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   return Status::Ok();
 }
 
+int Filesystem::open_direct(int fd) {
+  if (!options_.direct_backing) return -1;
+  int dfd = ::open(proc_path(fd).c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  if (dfd < 0 && (errno == EACCES || errno == EROFS)) {
+    dfd = ::open(proc_path(fd).c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  }
+  if (dfd < 0) {
+    static std::once_flag once;
+    int err = errno;
+    std::call_once(once, [err] {
+      log_error(std::string("direct backing I/O not available (") + std::strerror(err) +
+                "); using the page cache");
+    });
+  }
+  return dfd;
+}
+
 Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i) {
   std::lock_guard lock(i.mu);
   if (i.open) {
@@ -405,6 +426,8 @@ Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i) {
   auto f = CipherFile::open(fd, *keys_, *io_);
   if (!f.ok()) return f.status();  // ~OpenFile closes fd
   of->file = std::move(f).value();
+  of->direct_fd = open_direct(fd);
+  of->file->set_direct_fd(of->direct_fd);
   i.open = of;
   i.open_count = 1;
   return of;

@@ -20,7 +20,9 @@ struct FsOptions {
   double attr_timeout = 10.0;
   double entry_timeout = 10.0;
   bool writeback_cache = true;
-  bool direct_backing = false;  // open backing files O_DIRECT (no second page cache copy)
+  // Whole-block backing I/O with O_DIRECT, so plaintext (in the FUSE page cache) is not
+  // cached a second time as ciphertext.
+  bool direct_backing = false;
 };
 
 struct Entry {
@@ -90,6 +92,9 @@ class Filesystem {
   Status make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,
                    Entry* out, bool keep_open);
   Status sync_parent_if_needed(Inode& inode);
+  // With direct_backing: a second, O_DIRECT descriptor of the backing file (-1 if the backing
+  // filesystem refuses O_DIRECT; logged once).
+  int open_direct(int fd);
 
   const std::string cipher_dir_;
   VolumeConfig config_;

@@ -5,6 +5,7 @@
 #include <dirent.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -195,11 +196,25 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   guard(req, [&] {
-    thread_local std::vector<uint8_t> buf;
-    if (buf.size() < size) buf.resize(size);
-    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {buf.data(), size});
+    // Page-aligned, so whole blocks can be read into it with O_DIRECT and decrypted in place.
+    struct Buffer {
+      uint8_t* p = nullptr;
+      size_t cap = 0;
+      ~Buffer() { std::free(p); }
+    };
+    thread_local Buffer buf;
+    if (buf.cap < size) {
+      std::free(buf.p);
+      buf.cap = (size + 4095) / 4096 * 4096;
+      buf.p = static_cast<uint8_t*>(std::aligned_alloc(4096, buf.cap));
+      if (buf.p == nullptr) {
+        buf.cap = 0;
+        return (void)fuse_reply_err(req, ENOMEM);
+      }
+    }
+    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {buf.p, size});
     if (!n.ok()) return reply_status(req, n.status(), "read", ino);
-    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), *n);
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.p), *n);
   });
 }
 

@@ -9,6 +9,7 @@ namespace envelopefs {
 OpenFile::~OpenFile() {
   file.reset();
   if (fd >= 0) close(fd);
+  if (direct_fd >= 0) close(direct_fd);
 }
 
 Inode::~Inode() {

@@ -23,6 +23,7 @@ namespace envelopefs {
 // A regular file with open handles: one backing fd and one CipherFile, shared by all handles.
 struct OpenFile {
   int fd = -1;
+  int direct_fd = -1;  // the same file opened O_DIRECT (--direct-backing), or -1
   std::unique_ptr<CipherFile> file;
   ~OpenFile();
 };

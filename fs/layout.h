@@ -29,6 +29,11 @@ class Layout {
   uint64_t data_offset(uint64_t block) const {
     return page_of(block) * group_ + kMetaPageSize + entry_of(block) * bs_;
   }
+  // The data block holding backing byte `offset` (which must lie in a data area).
+  uint64_t block_at(uint64_t offset) const {
+    uint64_t r = offset % group_;
+    return offset / group_ * kBlocksPerGroup + (r < kMetaPageSize ? 0 : (r - kMetaPageSize) / bs_);
+  }
   // Number of blocks a file of `size` plaintext bytes has.
   uint64_t block_count(uint64_t size) const { return (size + bs_ - 1) / bs_; }
   // Plaintext length of block `index` in a file of `size` bytes (0 past the end).

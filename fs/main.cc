@@ -135,6 +135,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else if (o.rfind("log_file=", 0) == 0) mo->log_file = o.substr(9);
     else if (o == "no_uring") mo->use_uring = false;
     else if (o == "no_writeback") mo->fs.writeback_cache = false;
+    else if (o == "direct_backing") mo->fs.direct_backing = true;
     else if (o == "allow_other") mo->allow_other = true;
     else keep.push_back(o);
   }
@@ -178,12 +179,15 @@ int main(int argc, char** argv) {
   mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
-                                "no_uring, no_writeback");
+                                "no_uring, no_writeback, direct_backing");
   mount->add_option("--passfile", mo.provider.passfile, "pass: read the passphrase from this file");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "use pread/pwrite instead of io_uring");
   mount->add_flag("--no-writeback", [&](int64_t) { mo.fs.writeback_cache = false; },
                   "disable the kernel writeback cache");
+  mount->add_flag("--direct-backing", mo.fs.direct_backing,
+                  "backing I/O with O_DIRECT: plaintext is not cached twice (page cache holds\n"
+                  "only the plaintext); needs a backing filesystem that supports O_DIRECT");
   mount->add_option("--threads", mo.threads, "FUSE worker threads (default 8)")->check(CLI::Range(1, 256));
   mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();

@@ -62,7 +62,8 @@ class MetaPage {
  private:
   Result<Mac256> compute_mac(VolumeKeys& keys, uint32_t dek_version) const;
   uint64_t compute_checksum() const;
-  std::array<uint8_t, kMetaPageSize> bytes_;
+  // Page-aligned so a page can be written and read with O_DIRECT.
+  alignas(kMetaPageSize) std::array<uint8_t, kMetaPageSize> bytes_;
 };
 
 }  // namespace envelopefs

@@ -54,6 +54,30 @@ class RoundTripNoUring(RoundTrip):
     mount_args = ("--no-uring", "--no-writeback")
 
 
+class RoundTripDirectBacking(RoundTrip):
+    mount_args = ("--direct-backing",)
+
+
+def resident_bytes(path):
+    from common import run
+    return int(run(["fincore", "--bytes", "--noheadings", "--output", "RES", path]).stdout.strip() or 0)
+
+
+class DirectBacking(VolumeTest):
+    mount_args = ("--direct-backing",)
+
+    def test_ciphertext_is_not_cached_twice(self):
+        data = rand_bytes(16 << 20, 3)
+        write_file(self.vol.path("big"), data, fsync=True)
+        self.assertEqual(read_file(self.vol.path("big")), data)
+        (back,) = self.vol.backing_files()
+        self.assertLess(resident_bytes(back), 1 << 20)
+        # The same reads without the option leave the ciphertext in the page cache.
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("big")), data)
+        self.assertGreater(resident_bytes(back), 8 << 20)
+
+
 class Namespace(VolumeTest):
     def test_rename_over_existing_and_flags(self):
         write_file(self.vol.path("a"), b"A")
