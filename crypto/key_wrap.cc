@@ -101,4 +101,79 @@ Status KeyWrapper::unwrap(ByteView wrapped, MutByteView out) {
   return Status::Ok();
 }
 
+Status KeyWrapper::wrap32_many(const uint8_t* keys, uint8_t* wrapped, size_t count) {
+  if (count > kMaxBatch) return Status(Code::kInvalidArgument, "key wrap: batch too large");
+  auto& slot = enc_.mine();
+  std::lock_guard lock(slot.mu);
+  EVP_CIPHER_CTX* ctx = keyed(slot.ctx, kek_, true);
+  if (ctx == nullptr) return Status(Code::kInternal, "key wrap: cannot key AES");
+  constexpr size_t n = 4;  // 64-bit semiblocks in a 32-byte key
+  uint8_t b[kMaxBatch * 16];
+  for (size_t k = 0; k < count; ++k) {
+    std::memcpy(wrapped + 40 * k, kDefaultIv, 8);
+    std::memcpy(wrapped + 40 * k + 8, keys + 32 * k, 32);
+  }
+  Status st;
+  for (uint64_t j = 0; j < 6 && st.ok(); ++j) {
+    for (size_t i = 0; i < n; ++i) {
+      for (size_t k = 0; k < count; ++k) {
+        std::memcpy(b + 16 * k, wrapped + 40 * k, 8);
+        std::memcpy(b + 16 * k + 8, wrapped + 40 * k + 8 + 8 * i, 8);
+      }
+      if (EVP_Cipher(ctx, b, b, static_cast<unsigned>(16 * count)) <= 0) {
+        st = Status(Code::kInternal, "key wrap: AES failed");
+        break;
+      }
+      for (size_t k = 0; k < count; ++k) {
+        uint8_t* a = wrapped + 40 * k;
+        std::memcpy(a, b + 16 * k, 8);
+        xor_counter(a, n * j + i + 1);
+        std::memcpy(a + 8 + 8 * i, b + 16 * k + 8, 8);
+      }
+    }
+  }
+  OPENSSL_cleanse(b, sizeof b);
+  if (!st.ok()) OPENSSL_cleanse(wrapped, 40 * count);
+  return st;
+}
+
+Status KeyWrapper::unwrap32_many(const uint8_t* wrapped, uint8_t* keys, bool* ok, size_t count) {
+  if (count > kMaxBatch) return Status(Code::kInvalidArgument, "key unwrap: batch too large");
+  auto& slot = dec_.mine();
+  std::lock_guard lock(slot.mu);
+  EVP_CIPHER_CTX* ctx = keyed(slot.ctx, kek_, false);
+  if (ctx == nullptr) return Status(Code::kInternal, "key unwrap: cannot key AES");
+  constexpr size_t n = 4;
+  uint8_t a[kMaxBatch * 8];
+  uint8_t b[kMaxBatch * 16];
+  for (size_t k = 0; k < count; ++k) {
+    std::memcpy(a + 8 * k, wrapped + 40 * k, 8);
+    std::memcpy(keys + 32 * k, wrapped + 40 * k + 8, 32);
+  }
+  Status st;
+  for (uint64_t j = 6; j-- > 0 && st.ok();) {
+    for (size_t i = n; i-- > 0;) {
+      for (size_t k = 0; k < count; ++k) {
+        std::memcpy(b + 16 * k, a + 8 * k, 8);
+        xor_counter(b + 16 * k, n * j + i + 1);
+        std::memcpy(b + 16 * k + 8, keys + 32 * k + 8 * i, 8);
+      }
+      if (EVP_Cipher(ctx, b, b, static_cast<unsigned>(16 * count)) <= 0) {
+        st = Status(Code::kInternal, "key unwrap: AES failed");
+        break;
+      }
+      for (size_t k = 0; k < count; ++k) {
+        std::memcpy(a + 8 * k, b + 16 * k, 8);
+        std::memcpy(keys + 32 * k + 8 * i, b + 16 * k + 8, 8);
+      }
+    }
+  }
+  OPENSSL_cleanse(b, sizeof b);
+  for (size_t k = 0; k < count; ++k) {
+    ok[k] = st.ok() && CRYPTO_memcmp(a + 8 * k, kDefaultIv, 8) == 0;
+    if (!ok[k]) OPENSSL_cleanse(keys + 32 * k, 32);
+  }
+  return st;
+}
+
 }  // namespace envelopefs

@@ -24,6 +24,14 @@ class KeyWrapper {
   // Returns kAuthFailed (and zeroizes `out`) if the integrity check value does not match.
   Status unwrap(ByteView wrapped, MutByteView out);
 
+  // The same for `count` 32-byte keys at once (keys back to back, wrapped values 40 bytes
+  // each). RFC 3394's 24 steps are sequential for one key but independent across keys, so
+  // each step is one multi-block ECB call: the call overhead is shared and AES-NI pipelines.
+  static constexpr size_t kMaxBatch = 64;
+  Status wrap32_many(const uint8_t* keys, uint8_t* wrapped, size_t count);
+  // ok[k] tells whether key k passed its integrity check; failed keys are zeroized.
+  Status unwrap32_many(const uint8_t* wrapped, uint8_t* keys, bool* ok, size_t count);
+
  private:
   SecretBytes kek_;
   evp::ContextPool<EVP_CIPHER_CTX, EVP_CIPHER_CTX_free> enc_, dec_;

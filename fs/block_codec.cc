@@ -2,6 +2,7 @@
 
 #include <openssl/crypto.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "crypto/aead_gcm.h"
@@ -35,17 +36,8 @@ BlockAad block_aad(const VolumeId& volume, const FileId& file, uint64_t index, u
 
 Status seal_block(VolumeKeys& keys, const FileId& file, uint64_t index, ByteView plaintext,
                   uint8_t* ciphertext, Slot* slot) {
-  Dek& dek = keys.active();
-  uint8_t* key = scratch_key();
-  Status st = random_block_key({key, kGcmKeySize});
-  if (st.ok()) st = dek.wrapper.wrap({key, kGcmKeySize}, slot->wrapped_key);
-  if (st.ok()) {
-    BlockAad aad = block_aad(keys.volume_id(), file, index, dek.version);
-    st = gcm_seal({key, kGcmKeySize}, kZeroIv, aad, plaintext, ciphertext, slot->tag);
-  }
-  OPENSSL_cleanse(key, kGcmKeySize);
-  slot->dek_version = dek.version;
-  return st;
+  const auto len = static_cast<uint32_t>(plaintext.size());
+  return seal_blocks(keys, file, index, 1, len, len, plaintext.data(), ciphertext, slot);
 }
 
 Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& slot,
@@ -62,6 +54,78 @@ Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Sl
   }
   OPENSSL_cleanse(key, kGcmKeySize);
   return st;
+}
+
+namespace {
+
+// Locked scratch for a batch of block keys.
+uint8_t* scratch_keys() {
+  thread_local SecretBytes scratch(KeyWrapper::kMaxBatch * kGcmKeySize);
+  return scratch.data();
+}
+
+}  // namespace
+
+Status seal_blocks(VolumeKeys& keys, const FileId& file, uint64_t first, size_t count,
+                   uint32_t block_size, uint32_t last_len, const uint8_t* plain, uint8_t* cipher,
+                   Slot* slots) {
+  Dek& dek = keys.active();
+  uint8_t* batch = scratch_keys();
+  uint8_t wrapped[KeyWrapper::kMaxBatch * kWrappedKeySize];
+  Status st;
+  for (size_t done = 0; done < count && st.ok();) {
+    const size_t n = std::min(count - done, KeyWrapper::kMaxBatch);
+    for (size_t k = 0; k < n && st.ok(); ++k) st = random_block_key({batch + k * kGcmKeySize, kGcmKeySize});
+    if (st.ok()) st = dek.wrapper.wrap32_many(batch, wrapped, n);
+    for (size_t k = 0; k < n && st.ok(); ++k) {
+      const size_t b = done + k;
+      const uint32_t len = b + 1 == count ? last_len : block_size;
+      Slot& slot = slots[b];
+      slot.dek_version = dek.version;
+      std::memcpy(slot.wrapped_key.data(), wrapped + k * kWrappedKeySize, kWrappedKeySize);
+      BlockAad aad = block_aad(keys.volume_id(), file, first + b, dek.version);
+      st = gcm_seal({batch + k * kGcmKeySize, kGcmKeySize}, kZeroIv, aad,
+                    {plain + b * block_size, len}, cipher + b * block_size, slot.tag);
+    }
+    OPENSSL_cleanse(batch, n * kGcmKeySize);
+    done += n;
+  }
+  return st;
+}
+
+void open_blocks(VolumeKeys& keys, const FileId& file, std::span<BlockToOpen> blocks) {
+  uint8_t* batch = scratch_keys();
+  uint8_t wrapped[KeyWrapper::kMaxBatch * kWrappedKeySize];
+  bool ok[KeyWrapper::kMaxBatch];
+  for (size_t done = 0; done < blocks.size();) {
+    // A run of blocks under one DEK version is unwrapped together.
+    const uint32_t version = blocks[done].slot->dek_version;
+    size_t n = 1;
+    while (done + n < blocks.size() && n < KeyWrapper::kMaxBatch &&
+           blocks[done + n].slot->dek_version == version) {
+      ++n;
+    }
+    Dek* dek = keys.dek(version);
+    for (size_t k = 0; k < n; ++k) {
+      std::memcpy(wrapped + k * kWrappedKeySize, blocks[done + k].slot->wrapped_key.data(), kWrappedKeySize);
+    }
+    Status st = dek == nullptr ? Status(Code::kAuthFailed, "block names unknown DEK version " + std::to_string(version))
+                               : dek->wrapper.unwrap32_many(wrapped, batch, ok, n);
+    for (size_t k = 0; k < n; ++k) {
+      BlockToOpen& b = blocks[done + k];
+      if (!st.ok()) {
+        b.result = st;
+      } else if (!ok[k]) {
+        b.result = Status(Code::kAuthFailed, "key unwrap: integrity check failed");
+      } else {
+        BlockAad aad = block_aad(keys.volume_id(), file, b.index, version);
+        b.result = gcm_open({batch + k * kGcmKeySize, kGcmKeySize}, kZeroIv, aad, {b.data, b.len},
+                            b.slot->tag, b.data);
+      }
+    }
+    OPENSSL_cleanse(batch, n * kGcmKeySize);
+    done += n;
+  }
 }
 
 }  // namespace envelopefs

@@ -21,4 +21,22 @@ Status seal_block(VolumeKeys& keys, const FileId& file, uint64_t index, ByteView
 Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& slot,
                   ByteView ciphertext, uint8_t* plaintext);
 
+// Batched forms for multi-block requests: block keys are drawn, wrapped and unwrapped many at
+// a time (KeyWrapper::wrap32_many), which is what makes large requests cheap.
+// Seals blocks [first, first+count), back to back in `plain` (each block_size long but the
+// last, last_len) into `cipher` at the same positions; fills slots[k] except seq.
+Status seal_blocks(VolumeKeys& keys, const FileId& file, uint64_t first, size_t count,
+                   uint32_t block_size, uint32_t last_len, const uint8_t* plain, uint8_t* cipher,
+                   Slot* slots);
+
+struct BlockToOpen {
+  uint64_t index;
+  const Slot* slot;
+  uint8_t* data;  // ciphertext in, plaintext out (in place)
+  uint32_t len;
+  Status result;
+};
+// Opens every block in place; each result says whether it authenticated.
+void open_blocks(VolumeKeys& keys, const FileId& file, std::span<BlockToOpen> blocks);
+
 }  // namespace envelopefs

@@ -235,18 +235,32 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
                   Status(Code::kAuthFailed, "data block truncated (backing file shorter than its size)"));
     }
   }
-  for (auto& p : blocks) {
+  // Decrypt every written block under its newer slot in one batch; a block whose newer slot
+  // fails (a write interrupted between metadata and data) is retried under the older one.
+  std::vector<BlockToOpen> opens;
+  opens.reserve(blocks.size());
+  std::vector<int> newer_of(blocks.size(), 0);
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    Pending& p = blocks[k];
+    if (p.slots[0].empty() && p.slots[1].empty()) continue;
+    int newer = p.slots[1].empty() ? 0 : p.slots[0].empty() ? 1 : seq_newer(p.slots[1].seq, p.slots[0].seq) ? 1 : 0;
+    newer_of[k] = newer;
+    opens.push_back({p.index, &p.slots[newer], p.dst, p.len, Status()});
+  }
+  open_blocks(keys_, id_, opens);
+  size_t o = 0;
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    Pending& p = blocks[k];
     if (p.slots[0].empty() && p.slots[1].empty()) {
       std::memset(p.dst, 0, p.len);
     } else {
-      int newer = p.slots[1].empty() ? 0 : p.slots[0].empty() ? 1 : seq_newer(p.slots[1].seq, p.slots[0].seq) ? 1 : 0;
-      Status st = open_block(keys_, id_, p.index, p.slots[newer], {p.dst, p.len}, p.dst);
-      if (!st.ok() && !p.slots[1 - newer].empty()) {
-        // Interrupted write: metadata landed, data did not. The older slot describes the data.
+      Status st = opens[o++].result;
+      const int older = 1 - newer_of[k];
+      if (!st.ok() && !p.slots[older].empty()) {
         IoRequest again{fd_, p.dst, p.len, layout_.data_offset(p.index), false, 0};
         route({&again, 1});
         ENVELOPEFS_RETURN_IF_ERROR(io_.run({&again, 1}));
-        if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[1 - newer], {p.dst, p.len}, p.dst);
+        if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[older], {p.dst, p.len}, p.dst);
       }
       if (!st.ok()) return fail(p.index, st);
     }
@@ -262,6 +276,9 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
   const uint64_t old_count = layout_.block_count(size_);
   batch.buffers.emplace_back((count - 1) * bs + last_len);  // aligned, uninitialised
   uint8_t* cipher = batch.buffers.back().data();
+  std::vector<Slot> sealed(count);
+  Status sst = seal_blocks(keys_, id_, first, count, bs, last_len, plain, cipher, sealed.data());
+  if (!sst.ok()) return fail(first, sst);
   std::lock_guard lock(cache_mu_);
   for (uint64_t k = 0; k < count; ++k) {
     const uint64_t b = first + k;
@@ -281,10 +298,8 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
     else if (s1.empty()) target = 1;
     else target = seq_newer(s0.seq, s1.seq) ? 1 : 0;  // overwrite the older one
     uint32_t top = s0.empty() ? s1.seq : s1.empty() ? s0.seq : (seq_newer(s0.seq, s1.seq) ? s0.seq : s1.seq);
-    Slot fresh;
+    Slot fresh = sealed[k];
     fresh.seq = seq_next(top);
-    Status st = seal_block(keys_, id_, b, {plain + k * bs, len}, cipher + k * bs, &fresh);
-    if (!st.ok()) return fail(b, st);
     mp.set_slot(e, target, fresh);
     // Data blocks of one group are contiguous: extend the previous request when possible.
     uint64_t off = layout_.data_offset(b);

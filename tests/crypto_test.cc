@@ -220,3 +220,35 @@ TEST(Random, BlockKeysAreDistinctAcrossBatches) {
 
 }  // namespace
 }  // namespace envelopefs
+
+namespace envelopefs {
+namespace {
+
+TEST(KeyWrap, BatchedWrapMatchesOneAtATimeAndDetectsTampering) {
+  auto kek = SecretBytes::random(32);
+  ASSERT_TRUE(kek.ok());
+  KeyWrapper w(*kek);
+  for (size_t count : {size_t{1}, size_t{7}, KeyWrapper::kMaxBatch}) {
+    Bytes keys(32 * count), batch(40 * count), back(32 * count);
+    ASSERT_TRUE(random_fill(keys).ok());
+    ASSERT_TRUE(w.wrap32_many(keys.data(), batch.data(), count).ok());
+    for (size_t k = 0; k < count; ++k) {
+      Bytes one(40);
+      ASSERT_TRUE(w.wrap({keys.data() + 32 * k, 32}, one).ok());
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), batch.begin() + static_cast<long>(40 * k))) << k;
+    }
+    batch[40 * (count - 1) + 17] ^= 4;  // damage the last one
+    bool ok[KeyWrapper::kMaxBatch];
+    ASSERT_TRUE(w.unwrap32_many(batch.data(), back.data(), ok, count).ok());
+    for (size_t k = 0; k + 1 < count; ++k) {
+      EXPECT_TRUE(ok[k]);
+      EXPECT_TRUE(std::equal(back.begin() + static_cast<long>(32 * k), back.begin() + static_cast<long>(32 * k + 32),
+                             keys.begin() + static_cast<long>(32 * k)));
+    }
+    EXPECT_FALSE(ok[count - 1]);
+    EXPECT_EQ(Bytes(back.end() - 32, back.end()), Bytes(32, 0));  // zeroized
+  }
+}
+
+}  // namespace
+}  // namespace envelopefs
