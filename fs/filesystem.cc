@@ -49,6 +49,27 @@ Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
   return i;
 }
 
+Result<Filesystem::Placed> Filesystem::place(uint64_t parent, const char* name) {
+  auto dir = inode(parent);
+  if (!dir.ok()) return dir.status();
+  auto nonce = nonce_of(**dir);
+  if (!nonce.ok()) return nonce.status();
+  if (std::strlen(name) > kMaxPlainName) return Status::Io(ENAMETOOLONG, "name");
+  auto bn = encrypt_name(*keys_, *nonce, name);
+  if (!bn.ok()) return bn.status();
+  return Placed{std::move(dir).value(), std::move(bn).value()};
+}
+
+Result<Filesystem::Placed> Filesystem::place_new(uint64_t parent, const char* name) {
+  auto pl = place(parent, name);
+  if (!pl.ok() || !pl->name.is_long()) return pl;
+  auto dfd = open_dir_fd(*pl->dir);
+  if (!dfd.ok()) return dfd.status();
+  FdGuard g{*dfd};
+  ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, pl->name));
+  return pl;
+}
+
 Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
   std::lock_guard lock(dir.mu);
   if (dir.nonce) return *dir.nonce;
@@ -114,14 +135,9 @@ Status Filesystem::own(int dir_fd, const std::string& backing, Caller who) {
 }
 
 Status Filesystem::lookup(uint64_t parent, const char* name, Entry* out) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  if (std::strlen(name) > kMaxPlainName) return Status::Io(ENAMETOOLONG, "name");
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  return make_entry(parent, (*dir)->fd, bn->entry, out, false);
+  auto pl = place(parent, name);
+  if (!pl.ok()) return pl.status();
+  return make_entry(parent, pl->dir->fd, pl->name.entry, out, false);
 }
 
 Status Filesystem::getattr(uint64_t ino, struct stat* out) {
@@ -183,19 +199,10 @@ Status Filesystem::mknod(uint64_t parent, const char* name, mode_t mode, dev_t r
 
 Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev,
                              Caller who, Entry* out, bool keep_open) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  int pfd = (*dir)->fd;
-  if (bn->is_long()) {
-    auto dfd = open_dir_fd(**dir);
-    if (!dfd.ok()) return dfd.status();
-    FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
-  }
+  auto pl = place_new(parent, name);
+  if (!pl.ok()) return pl.status();
+  const int pfd = pl->dir->fd;
+  const BackingName* bn = &pl->name;
   std::shared_ptr<OpenFile> opened;
   if (S_ISREG(mode)) {
     int fd = openat(pfd, bn->entry.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode & 07777);
@@ -231,19 +238,10 @@ Status Filesystem::create(uint64_t parent, const char* name, mode_t mode, Caller
 }
 
 Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  int pfd = (*dir)->fd;
-  if (bn->is_long()) {
-    auto dfd = open_dir_fd(**dir);
-    if (!dfd.ok()) return dfd.status();
-    FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
-  }
+  auto pl = place_new(parent, name);
+  if (!pl.ok()) return pl.status();
+  const int pfd = pl->dir->fd;
+  const BackingName* bn = &pl->name;
   // Created owner-writable so the nonce can go in; the requested mode is applied after.
   if (mkdirat(pfd, bn->entry.c_str(), 0700) != 0) return errno_status("mkdir");
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -262,22 +260,13 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
 
 Status Filesystem::symlink(const char* target, uint64_t parent, const char* name, Caller who,
                            Entry* out) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
   auto enc = encrypt_symlink(*keys_, target);
   if (!enc.ok()) return enc.status();
   if (enc->size() >= PATH_MAX) return Status::Io(ENAMETOOLONG, "symlink target");
-  int pfd = (*dir)->fd;
-  if (bn->is_long()) {
-    auto dfd = open_dir_fd(**dir);
-    if (!dfd.ok()) return dfd.status();
-    FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
-  }
+  auto pl = place_new(parent, name);
+  if (!pl.ok()) return pl.status();
+  const int pfd = pl->dir->fd;
+  const BackingName* bn = &pl->name;
   if (symlinkat(enc->c_str(), pfd, bn->entry.c_str()) != 0) return errno_status("symlink");
   ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
   return make_entry(parent, pfd, bn->entry, out, true);
@@ -285,20 +274,11 @@ Status Filesystem::symlink(const char* target, uint64_t parent, const char* name
 
 Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* out) {
   auto src = inode(ino);
-  auto dir = inode(parent);
   if (!src.ok()) return src.status();
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  int pfd = (*dir)->fd;
-  if (bn->is_long()) {
-    auto dfd = open_dir_fd(**dir);
-    if (!dfd.ok()) return dfd.status();
-    FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *bn));
-  }
+  auto pl = place_new(parent, name);
+  if (!pl.ok()) return pl.status();
+  const int pfd = pl->dir->fd;
+  const BackingName* bn = &pl->name;
   if (linkat(AT_FDCWD, proc_path((*src)->fd).c_str(), pfd, bn->entry.c_str(), AT_SYMLINK_FOLLOW) != 0) {
     return errno_status("link");
   }
@@ -306,25 +286,18 @@ Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* 
 }
 
 Status Filesystem::unlink(uint64_t parent, const char* name) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  if (unlinkat((*dir)->fd, bn->entry.c_str(), 0) != 0) return errno_status("unlink");
-  remove_long_name((*dir)->fd, *bn);
+  auto pl = place(parent, name);
+  if (!pl.ok()) return pl.status();
+  if (unlinkat(pl->dir->fd, pl->name.entry.c_str(), 0) != 0) return errno_status("unlink");
+  remove_long_name(pl->dir->fd, pl->name);
   return Status::Ok();
 }
 
 Status Filesystem::rmdir(uint64_t parent, const char* name) {
-  auto dir = inode(parent);
-  if (!dir.ok()) return dir.status();
-  auto nonce = nonce_of(**dir);
-  if (!nonce.ok()) return nonce.status();
-  auto bn = encrypt_name(*keys_, *nonce, name);
-  if (!bn.ok()) return bn.status();
-  int pfd = (*dir)->fd;
+  auto pl = place(parent, name);
+  if (!pl.ok()) return pl.status();
+  const int pfd = pl->dir->fd;
+  const BackingName* bn = &pl->name;
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("rmdir");
   FdGuard g{fd};
@@ -359,32 +332,20 @@ Status Filesystem::rmdir(uint64_t parent, const char* name) {
 
 Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
                           const char* newname, unsigned flags) {
-  auto from = inode(parent);
-  auto to = inode(newparent);
+  auto from = place(parent, name);
   if (!from.ok()) return from.status();
+  auto to = place_new(newparent, newname);
   if (!to.ok()) return to.status();
-  auto n1 = nonce_of(**from);
-  auto n2 = nonce_of(**to);
-  if (!n1.ok()) return n1.status();
-  if (!n2.ok()) return n2.status();
-  auto b1 = encrypt_name(*keys_, *n1, name);
-  auto b2 = encrypt_name(*keys_, *n2, newname);
-  if (!b1.ok()) return b1.status();
-  if (!b2.ok()) return b2.status();
-  if (b2->is_long()) {
-    auto dfd = open_dir_fd(**to);
-    if (!dfd.ok()) return dfd.status();
-    FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(write_long_name(*dfd, *b2));
-  }
-  if (renameat2((*from)->fd, b1->entry.c_str(), (*to)->fd, b2->entry.c_str(), flags) != 0) {
+  const BackingName& b1 = from->name;
+  const BackingName& b2 = to->name;
+  if (renameat2(from->dir->fd, b1.entry.c_str(), to->dir->fd, b2.entry.c_str(), flags) != 0) {
     return errno_status("rename");
   }
-  if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1->entry == b2->entry)) {
-    remove_long_name((*from)->fd, *b1);
+  if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1.entry == b2.entry)) {
+    remove_long_name(from->dir->fd, b1);
   }
   struct stat st;
-  if (fstatat((*to)->fd, b2->entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+  if (fstatat(to->dir->fd, b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     if (auto moved = inodes_.find(st.st_dev, st.st_ino)) {
       std::lock_guard lock(moved->mu);
       moved->parent = newparent;

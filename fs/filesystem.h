@@ -81,6 +81,14 @@ class Filesystem {
 
  private:
   Result<std::shared_ptr<Inode>> inode(uint64_t ino);
+  // A directory and the backing name that `name` has in it.
+  struct Placed {
+    std::shared_ptr<Inode> dir;
+    BackingName name;
+  };
+  Result<Placed> place(uint64_t parent, const char* name);
+  // The same for an entry about to be created: a long name's record is written first.
+  Result<Placed> place_new(uint64_t parent, const char* name);
   Result<DirNonce> nonce_of(Inode& dir);
   // Opens the backing directory for *at() calls that need a real (not O_PATH) descriptor.
   Result<int> open_dir_fd(Inode& dir);
