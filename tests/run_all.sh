@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash packaging/install-deps.sh
 type=${BUILD_TYPE:-Release}
 dir=build; [[ $type == asan ]] && dir=build-asan
-cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" >/dev/null
+cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" -DENVELOPEFS_TESTS=ON -DENVELOPEFS_BENCH=ON >/dev/null
 cmake --build "$dir" -j2
 cd "$dir"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
