@@ -306,6 +306,21 @@ class ErrorsAndCli(VolumeTest):
         self.assertIn("does not unwrap", r.stderr)
         self.assertFalse(is_mounted(self.vol.mnt))
 
+    def test_mount_t_fuse_envelopefs_as_fstab_would(self):
+        import shutil
+        from common import BIN, is_mounted
+        if not shutil.which("mount.fuse3") and not os.path.exists("/sbin/mount.fuse3"):
+            self.skipTest("mount.fuse3 (package fuse3) is not installed")
+        write_file(self.vol.path("f"), b"via fstab")
+        self.vol.unmount()
+        env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(BIN)) + ":" + os.environ.get("PATH", ""))
+        import subprocess
+        r = subprocess.run(["mount", "-t", "fuse.envelopefs", self.vol.cipher, self.vol.mnt,
+                            "-o", f"nofail,log_file={self.vol.log},noatime"], env=env, capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(is_mounted(self.vol.mnt))
+        self.assertEqual(read_file(self.vol.path("f")), b"via fstab")
+
     def test_status_json_and_init_refusals(self):
         import json
         from common import run, BIN
