@@ -15,7 +15,38 @@ using CtxPtr = std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)>;
 
 }  // namespace
 
-NameCipher::NameCipher(const SecretBytes& key) : key_(key.clone()) {}
+NameCipher::NameCipher(const SecretBytes& key) : key_(key.clone()) {
+  if (!check_key().ok()) return;
+  enc_template_ = EVP_CIPHER_CTX_new();
+  dec_template_ = EVP_CIPHER_CTX_new();
+  if (enc_template_ && EVP_EncryptInit_ex(enc_template_, cipher(), nullptr, key_.data(), nullptr) != 1) {
+    EVP_CIPHER_CTX_free(enc_template_);
+    enc_template_ = nullptr;
+  }
+  if (dec_template_ && EVP_DecryptInit_ex(dec_template_, cipher(), nullptr, key_.data(), nullptr) != 1) {
+    EVP_CIPHER_CTX_free(dec_template_);
+    dec_template_ = nullptr;
+  }
+}
+
+NameCipher::~NameCipher() {
+  EVP_CIPHER_CTX_free(enc_template_);
+  EVP_CIPHER_CTX_free(dec_template_);
+}
+
+EVP_CIPHER_CTX* NameCipher::keyed_ctx(bool encrypt) const {
+  EVP_CIPHER_CTX* tmpl = encrypt ? enc_template_ : dec_template_;
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  if (ctx == nullptr) return nullptr;
+  if (tmpl != nullptr && EVP_CIPHER_CTX_copy(ctx, tmpl) == 1) return ctx;
+  int ok = encrypt ? EVP_EncryptInit_ex(ctx, cipher(), nullptr, key_.data(), nullptr)
+                   : EVP_DecryptInit_ex(ctx, cipher(), nullptr, key_.data(), nullptr);
+  if (ok != 1) {
+    EVP_CIPHER_CTX_free(ctx);
+    return nullptr;
+  }
+  return ctx;
+}
 
 // Volumes use 64-byte keys (AES-256-SIV); 32-byte keys (AES-128-SIV) exist for the RFC 5297
 // known-answer test.
@@ -33,11 +64,10 @@ Status NameCipher::check_key() const {
 Result<Bytes> NameCipher::seal(ByteView associated, ByteView plaintext) const {
   ENVELOPEFS_RETURN_IF_ERROR(check_key());
   if (plaintext.size() > INT_MAX / 2) return Status(Code::kInvalidArgument, "name too long");
-  CtxPtr ctx(EVP_CIPHER_CTX_new(), EVP_CIPHER_CTX_free);
+  CtxPtr ctx(keyed_ctx(true), EVP_CIPHER_CTX_free);
   Bytes out(kSivTagSize + plaintext.size());
   int len = 0;
-  if (!ctx || EVP_EncryptInit_ex(ctx.get(), cipher(), nullptr, key_.data(), nullptr) != 1 ||
-      EVP_EncryptUpdate(ctx.get(), nullptr, &len, associated.data(),
+  if (!ctx || EVP_EncryptUpdate(ctx.get(), nullptr, &len, associated.data(),
                         static_cast<int>(associated.size())) != 1 ||
       EVP_EncryptUpdate(ctx.get(), out.data() + kSivTagSize, &len, plaintext.data(),
                         static_cast<int>(plaintext.size())) != 1 ||
@@ -53,11 +83,10 @@ Result<Bytes> NameCipher::open(ByteView associated, ByteView sealed) const {
   if (sealed.size() < kSivTagSize || sealed.size() > INT_MAX / 2) {
     return Status(Code::kCorrupt, "sealed name has a bad length");
   }
-  CtxPtr ctx(EVP_CIPHER_CTX_new(), EVP_CIPHER_CTX_free);
+  CtxPtr ctx(keyed_ctx(false), EVP_CIPHER_CTX_free);
   Bytes out(sealed.size() - kSivTagSize);
   int len = 0;
-  if (!ctx || EVP_DecryptInit_ex(ctx.get(), cipher(), nullptr, key_.data(), nullptr) != 1 ||
-      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_AEAD_SET_TAG, kSivTagSize,
+  if (!ctx || EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_AEAD_SET_TAG, kSivTagSize,
                           const_cast<uint8_t*>(sealed.data())) != 1 ||
       EVP_DecryptUpdate(ctx.get(), nullptr, &len, associated.data(),
                         static_cast<int>(associated.size())) != 1) {

@@ -21,6 +21,7 @@ inline constexpr size_t kSivTagSize = 16;
 class NameCipher {
  public:
   explicit NameCipher(const SecretBytes& key);  // 64 bytes
+  ~NameCipher();
   NameCipher(const NameCipher&) = delete;
   NameCipher& operator=(const NameCipher&) = delete;
 
@@ -32,7 +33,12 @@ class NameCipher {
  private:
   const EVP_CIPHER* cipher() const;
   Status check_key() const;
+  // Keyed once; every message works on a copy (EVP_CIPHER_CTX_copy), which skips the key
+  // schedules and CMAC subkey derivation that a fresh context pays per name.
+  EVP_CIPHER_CTX* keyed_ctx(bool encrypt) const;
   SecretBytes key_;
+  EVP_CIPHER_CTX* enc_template_ = nullptr;
+  EVP_CIPHER_CTX* dec_template_ = nullptr;
 };
 
 }  // namespace envelopefs
