@@ -15,7 +15,6 @@
 namespace envelopefs {
 namespace {
 
-std::atomic<AuthFailureLog> g_auth_log{nullptr};
 std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
 
 }  // namespace
@@ -40,8 +39,6 @@ struct WriteBatch {
   std::vector<IoRequest> data;
   std::vector<AlignedBuffer> buffers;
 };
-
-void CipherFile::set_auth_failure_log(AuthFailureLog log) { g_auth_log.store(log); }
 
 void CipherFile::route(std::span<IoRequest> requests) const {
   for (IoRequest& q : requests) {
@@ -99,9 +96,7 @@ uint64_t CipherFile::size() const {
 }
 
 Status CipherFile::fail(uint64_t block, Status st) const {
-  if (st.code() == Code::kAuthFailed || st.code() == Code::kCorrupt) {
-    if (AuthFailureLog log = g_auth_log.load()) log(id_, block, st);
-  }
+  // The FUSE edge logs authentication failures (fs/errno_map.cc); here they get their place.
   return st.prefix("file " + to_hex(id_) + " block " + std::to_string(block));
 }
 

@@ -19,9 +19,6 @@ namespace envelopefs {
 
 struct WriteBatch;
 
-// Called once per block that fails to authenticate (file id, block index, why).
-using AuthFailureLog = void (*)(const FileId&, uint64_t block, const Status&);
-
 class CipherFile {
  public:
   // Writes the header page into an empty backing file.
@@ -47,7 +44,6 @@ class CipherFile {
   Status punch_hole(uint64_t offset, uint64_t len);
   Status sync(bool data_only);
 
-  static void set_auth_failure_log(AuthFailureLog log);
   // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
   // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.
   static constexpr size_t kPageBudget = 16384;

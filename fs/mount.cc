@@ -57,7 +57,6 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (auto n = read_dir_nonce(root_fd); !n.ok()) {
     return fail(ready, o.foreground, "volume root is damaged: " + n.status().to_string());
   }
-  std::string backend_note;
   auto io = make_io_backend(o.use_uring);
   Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), o.fs);
 
