@@ -89,11 +89,7 @@ Result<int> Filesystem::open_dir_fd(Inode& dir) {
 Status Filesystem::stat_inode(Inode& inode, struct stat* out) {
   if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
   if (S_ISREG(out->st_mode)) {
-    std::shared_ptr<OpenFile> open;
-    {
-      std::lock_guard lock(inode.mu);
-      open = inode.open;
-    }
+    std::shared_ptr<OpenFile> open = opened(inode);
     uint64_t backing = static_cast<uint64_t>(out->st_size);
     out->st_size = static_cast<off_t>(open ? open->file->size()
                                            : backing < kMetaPageSize ? 0 : layout_.plaintext_size(backing));
@@ -372,6 +368,11 @@ int Filesystem::open_direct(int fd) {
   return dfd;
 }
 
+std::shared_ptr<OpenFile> Filesystem::opened(Inode& i) {
+  std::lock_guard lock(i.mu);
+  return i.open;
+}
+
 Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i) {
   std::lock_guard lock(i.mu);
   if (i.open) {
@@ -415,11 +416,7 @@ void Filesystem::release(uint64_t ino) {
 Result<size_t> Filesystem::read(uint64_t ino, uint64_t off, MutByteView out) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  std::shared_ptr<OpenFile> of;
-  {
-    std::lock_guard lock((*i)->mu);
-    of = (*i)->open;
-  }
+  std::shared_ptr<OpenFile> of = opened(**i);
   if (!of) return Status::Io(EBADF, "read of a file that is not open");
   return of->file->read(off, out);
 }
@@ -427,11 +424,7 @@ Result<size_t> Filesystem::read(uint64_t ino, uint64_t off, MutByteView out) {
 Status Filesystem::write(uint64_t ino, uint64_t off, ByteView data) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  std::shared_ptr<OpenFile> of;
-  {
-    std::lock_guard lock((*i)->mu);
-    of = (*i)->open;
-  }
+  std::shared_ptr<OpenFile> of = opened(**i);
   if (!of) return Status::Io(EBADF, "write to a file that is not open");
   return of->file->write(off, data);
 }
@@ -468,11 +461,7 @@ Status Filesystem::sync_parent_if_needed(Inode& start) {
 Status Filesystem::fsync(uint64_t ino, bool datasync) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  std::shared_ptr<OpenFile> of;
-  {
-    std::lock_guard lock((*i)->mu);
-    of = (*i)->open;
-  }
+  std::shared_ptr<OpenFile> of = opened(**i);
   if (of) ENVELOPEFS_RETURN_IF_ERROR(of->file->sync(datasync));
   return sync_parent_if_needed(**i);
 }
@@ -480,11 +469,7 @@ Status Filesystem::fsync(uint64_t ino, bool datasync) {
 Status Filesystem::fallocate(uint64_t ino, int mode, uint64_t off, uint64_t len) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  std::shared_ptr<OpenFile> of;
-  {
-    std::lock_guard lock((*i)->mu);
-    of = (*i)->open;
-  }
+  std::shared_ptr<OpenFile> of = opened(**i);
   if (!of) return Status::Io(EBADF, "fallocate");
   CipherFile& f = *of->file;
   if (mode == 0) {

@@ -97,6 +97,8 @@ class Filesystem {
                     bool fresh);
   Status own(int dir_fd, const std::string& backing, Caller who);
   Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
+  // The inode's open file if it has open handles, else nullptr; takes no reference.
+  static std::shared_ptr<OpenFile> opened(Inode& inode);
   Status make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,
                    Entry* out, bool keep_open);
   Status sync_parent_if_needed(Inode& inode);
