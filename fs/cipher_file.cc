@@ -4,13 +4,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
-#include <new>
-#include <utility>
 #include <vector>
 
 #include "crypto/random.h"
+#include "fs/aligned_buffer.h"
 
 namespace envelopefs {
 namespace {
@@ -18,20 +16,6 @@ namespace {
 std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
 
 }  // namespace
-
-// Page-aligned heap buffer, so whole blocks can go out with O_DIRECT.
-struct AlignedBuffer {
-  explicit AlignedBuffer(size_t n)
-      : ptr(static_cast<uint8_t*>(std::aligned_alloc(4096, (n + 4095) / 4096 * 4096 + 4096))) {
-    if (ptr == nullptr) throw std::bad_alloc();
-  }
-  ~AlignedBuffer() { std::free(ptr); }
-  AlignedBuffer(AlignedBuffer&& o) noexcept : ptr(std::exchange(o.ptr, nullptr)) {}
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  uint8_t* data() { return ptr; }
-  uint8_t* ptr;
-};
 
 // Everything one write-like operation changes, flushed in one ordered batch.
 struct WriteBatch {
@@ -63,8 +47,7 @@ Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys,
   ENVELOPEFS_RETURN_IF_ERROR(io.truncate(fd, 0));
   ENVELOPEFS_RETURN_IF_ERROR(io.run({&req, 1}));
   auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, kMetaPageSize));
-  f->pages_[0] = std::make_unique<Page>(Page{header, false});
-  g_cached_pages++;
+  f->cache_page(0, std::make_unique<Page>(Page{header, false}));
   return f;
 }
 
@@ -85,8 +68,7 @@ Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, I
   ENVELOPEFS_RETURN_IF_ERROR(header.verify(keys, id, 0));
   auto f = std::unique_ptr<CipherFile>(
       new CipherFile(fd, keys, io, id, static_cast<uint64_t>(st.st_size)));
-  f->pages_[0] = std::make_unique<Page>(Page{header, false});
-  g_cached_pages++;
+  f->cache_page(0, std::make_unique<Page>(Page{header, false}));
   return f;
 }
 
@@ -98,6 +80,13 @@ uint64_t CipherFile::size() const {
 Status CipherFile::fail(uint64_t block, Status st) const {
   // The FUSE edge logs authentication failures (fs/errno_map.cc); here they get their place.
   return st.prefix("file " + to_hex(id_) + " block " + std::to_string(block));
+}
+
+CipherFile::Page* CipherFile::cache_page(uint64_t index, std::unique_ptr<Page> page) {
+  Page* raw = page.get();
+  pages_[index] = std::move(page);
+  g_cached_pages++;
+  return raw;
 }
 
 Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
@@ -128,10 +117,7 @@ Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
     Status st = p->page.verify(keys_, id_, index);
     if (!st.ok()) return fail(index * kBlocksPerGroup, st);
   }
-  MetaPage* raw = &p->page;
-  pages_[index] = std::move(p);
-  g_cached_pages++;
-  return raw;
+  return &cache_page(index, std::move(p))->page;
 }
 
 Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* current) {
@@ -148,7 +134,7 @@ Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* c
     std::memset(out, 0, len);
     return Status::Ok();
   }
-  int newer = slots[1].empty() ? 0 : slots[0].empty() ? 1 : seq_newer(slots[1].seq, slots[0].seq) ? 1 : 0;
+  const int newer = newer_slot(slots[0], slots[1]);
   Status st;
   for (int which : {newer, 1 - newer}) {
     if (slots[which].empty()) continue;
@@ -238,7 +224,7 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   for (size_t k = 0; k < blocks.size(); ++k) {
     Pending& p = blocks[k];
     if (p.slots[0].empty() && p.slots[1].empty()) continue;
-    int newer = p.slots[1].empty() ? 0 : p.slots[0].empty() ? 1 : seq_newer(p.slots[1].seq, p.slots[0].seq) ? 1 : 0;
+    const int newer = newer_slot(p.slots[0], p.slots[1]);
     newer_of[k] = newer;
     opens.push_back({p.index, &p.slots[newer], p.dst, p.len, Status()});
   }
@@ -286,15 +272,12 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
     batch.dirty[Layout::page_of(b)] = holder;
     const uint64_t e = Layout::entry_of(b);
     if (b >= old_count) mp.clear_entry(e);  // stale slots past the old end of file
-    Slot s0 = mp.slot(e, 0), s1 = mp.slot(e, 1);
-    int target;
-    if (current[k] >= 0) target = 1 - current[k];  // keep the slot that matches the data
-    else if (s0.empty()) target = 0;
-    else if (s1.empty()) target = 1;
-    else target = seq_newer(s0.seq, s1.seq) ? 1 : 0;  // overwrite the older one
-    uint32_t top = s0.empty() ? s1.seq : s1.empty() ? s0.seq : (seq_newer(s0.seq, s1.seq) ? s0.seq : s1.seq);
+    const Slot s[2] = {mp.slot(e, 0), mp.slot(e, 1)};
+    const int newer = newer_slot(s[0], s[1]);
+    // Keep the slot that matches the data when known; otherwise overwrite the older (or empty) one.
+    const int target = current[k] >= 0 ? 1 - current[k] : 1 - newer;
     Slot fresh = sealed[k];
-    fresh.seq = seq_next(top);
+    fresh.seq = seq_next(s[newer].seq);
     mp.set_slot(e, target, fresh);
     // Data blocks of one group are contiguous: extend the previous request when possible.
     uint64_t off = layout_.data_offset(b);

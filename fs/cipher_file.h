@@ -63,6 +63,8 @@ class CipherFile {
   // Loads (cached) and authenticates page `index`; cache_mu_ must be held. A page past the end
   // of the file is stale by definition and comes back fresh (only when `beyond_eof_ok`).
   Result<MetaPage*> page(uint64_t index, bool beyond_eof_ok);
+  // Adds a page to the cache (and to the process-wide count); cache_mu_ held or no sharing yet.
+  Page* cache_page(uint64_t index, std::unique_ptr<Page> page);
   // Decrypts block `index` (whose stored length is `len`) into `out`. `current` receives the
   // slot that authenticated (-1 for a hole).
   Status read_block(uint64_t index, uint32_t len, uint8_t* out, int* current);

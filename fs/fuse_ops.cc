@@ -5,10 +5,11 @@
 #include <dirent.h>
 
 #include <cerrno>
-#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
+#include "fs/aligned_buffer.h"
 #include "fs/errno_map.h"
 #include "fs/filesystem.h"
 #include "fs/log.h"
@@ -27,6 +28,8 @@ template <typename F>
 void guard(fuse_req_t req, F&& body) {
   try {
     body();
+  } catch (const std::bad_alloc&) {
+    fuse_reply_err(req, ENOMEM);
   } catch (const std::exception& e) {
     log_error(std::string("internal error: ") + e.what());
     fuse_reply_err(req, EIO);
@@ -197,24 +200,11 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   guard(req, [&] {
     // Page-aligned, so whole blocks can be read into it with O_DIRECT and decrypted in place.
-    struct Buffer {
-      uint8_t* p = nullptr;
-      size_t cap = 0;
-      ~Buffer() { std::free(p); }
-    };
-    thread_local Buffer buf;
-    if (buf.cap < size) {
-      std::free(buf.p);
-      buf.cap = (size + 4095) / 4096 * 4096;
-      buf.p = static_cast<uint8_t*>(std::aligned_alloc(4096, buf.cap));
-      if (buf.p == nullptr) {
-        buf.cap = 0;
-        return (void)fuse_reply_err(req, ENOMEM);
-      }
-    }
-    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {buf.p, size});
+    thread_local AlignedBuffer buf;
+    if (buf.capacity() < size) buf = AlignedBuffer(size);  // bad_alloc: ENOMEM, in guard()
+    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {buf.data(), size});
     if (!n.ok()) return reply_status(req, n.status(), "read", ino);
-    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.p), *n);
+    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), *n);
   });
 }
 

@@ -31,6 +31,13 @@ struct Slot {
 // True when serial number `a` is newer than `b` (RFC 1982 style on 32 bits, 0 never used).
 inline bool seq_newer(uint32_t a, uint32_t b) { return static_cast<int32_t>(a - b) > 0; }
 inline uint32_t seq_next(uint32_t s) { return s + 1 == 0 ? 1 : s + 1; }
+// Index (0 or 1) of the newer of an entry's two slots; an empty slot is never the newer one
+// unless both are empty (then 1, whose seq is 0).
+inline int newer_slot(const Slot& s0, const Slot& s1) {
+  if (s0.empty()) return 1;
+  if (s1.empty()) return 0;
+  return seq_newer(s1.seq, s0.seq) ? 1 : 0;
+}
 
 class MetaPage {
  public:
