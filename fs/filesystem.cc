@@ -75,6 +75,20 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
   if (dir.nonce) return *dir.nonce;
   if (dir.type != S_IFDIR) return Status::Io(ENOTDIR, "not a directory");
   auto n = read_dir_nonce(dir.fd);
+  auto is_empty = [&] {
+    auto e = holds_only_nonce(dir.fd);
+    return e.ok() && *e;
+  };
+  if (!n.ok() && n.status().code() == Code::kCorrupt && is_empty()) {
+    // An empty directory whose nonce is gone: a crash between removing the nonce and removing
+    // (or replacing) the directory leaves one. Nothing in it is named under the old nonce, so
+    // a fresh one loses nothing (fs/FORMAT.md, "Names").
+    auto dfd = open_dir_fd(dir);
+    if (!dfd.ok()) return dfd.status();
+    FdGuard g{*dfd};
+    ENVELOPEFS_RETURN_IF_ERROR(create_dir_nonce(*dfd));
+    n = read_dir_nonce(dir.fd);
+  }
   if (!n.ok()) return n.status();
   dir.nonce = *n;
   return *n;
@@ -124,8 +138,20 @@ Status Filesystem::make_entry(uint64_t parent, int dir_fd, const std::string& ba
 
 Status Filesystem::own(int dir_fd, const std::string& backing, Caller who) {
   if (!as_root_) return Status::Ok();
-  if (fchownat(dir_fd, backing.c_str(), who.uid, who.gid, AT_SYMLINK_NOFOLLOW) != 0) {
+  // In a set-group-ID directory the new node keeps the directory's group, which the backing
+  // filesystem already gave it (System V semantics, as ext4 and every local fs).
+  struct stat dir;
+  if (fstat(dir_fd, &dir) != 0) return errno_status("stat parent");
+  gid_t gid = (dir.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : who.gid;
+  struct stat before;
+  if (fstatat(dir_fd, backing.c_str(), &before, AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+  if (fchownat(dir_fd, backing.c_str(), who.uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
     return errno_status("chown");
+  }
+  // chown clears set-user-ID/set-group-ID on files; a node created with them must keep them.
+  if (!S_ISLNK(before.st_mode) && (before.st_mode & (S_ISUID | S_ISGID)) &&
+      fchmodat(dir_fd, backing.c_str(), before.st_mode & 07777, 0) != 0) {
+    return errno_status("chmod");
   }
   return Status::Ok();
 }
@@ -244,6 +270,9 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   if (fd < 0) return errno_status("open new directory");
   FdGuard g{fd};
   Status st = create_dir_nonce(fd);
+  // A directory made in a set-group-ID directory inherits the bit (the kernel does not send it).
+  struct stat parent_st;
+  if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
   if (st.ok() && fchmod(fd, mode & 07777) != 0) st = errno_status("chmod");
   if (st.ok()) st = own(pfd, bn->entry, who);
   if (!st.ok()) {
@@ -298,28 +327,14 @@ Status Filesystem::rmdir(uint64_t parent, const char* name) {
   if (fd < 0) return errno_status("rmdir");
   FdGuard g{fd};
   // Empty means: nothing but our nonce. Checked first so a failing rmdir keeps the nonce.
-  DIR* d = fdopendir(dup(fd));
-  if (d == nullptr) return errno_status("rmdir");
-  bool empty = true;
-  while (dirent* e = ::readdir(d)) {
-    std::string_view n = e->d_name;
-    if (n != "." && n != ".." && n != kDirNonceName) empty = false;
-  }
-  closedir(d);
-  if (!empty) return Status::Io(ENOTEMPTY, "rmdir");
+  auto empty = holds_only_nonce(fd);
+  if (!empty.ok()) return empty.status();
+  if (!*empty) return Status::Io(ENOTEMPTY, "rmdir");
   auto saved = read_dir_nonce(fd);
   if (unlinkat(fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status("rmdir");
   if (unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR) != 0) {
     int err = errno;
-    if (saved.ok()) {
-      // Put the nonce back: the directory stays as it was.
-      int nfd = openat(fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
-      if (nfd >= 0) {
-        (void)!::write(nfd, saved->data(), saved->size());
-        ::fsync(nfd);
-        close(nfd);
-      }
-    }
+    if (saved.ok()) restore_dir_nonce(fd, *saved);  // the directory stays as it was
     return Status::Io(err, "rmdir");
   }
   remove_long_name(pfd, *bn);
@@ -335,7 +350,8 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   const BackingName& b1 = from->name;
   const BackingName& b2 = to->name;
   if (renameat2(from->dir->fd, b1.entry.c_str(), to->dir->fd, b2.entry.c_str(), flags) != 0) {
-    return errno_status("rename");
+    if ((errno != ENOTEMPTY && errno != EEXIST) || flags != 0) return errno_status("rename");
+    ENVELOPEFS_RETURN_IF_ERROR(rename_over_empty_dir(from->dir->fd, b1.entry, to->dir->fd, b2.entry));
   }
   if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1.entry == b2.entry)) {
     remove_long_name(from->dir->fd, b1);
@@ -347,6 +363,28 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
       moved->parent = newparent;
       moved->entry_unsynced = true;
     }
+  }
+  return Status::Ok();
+}
+
+// A directory that is empty on the mount still holds its nonce, so the backing rename refuses
+// to replace it. Same two steps as rmdir: nonce out, then the rename; the nonce goes back if the
+// rename still fails. A crash in between leaves an empty directory without a nonce, which
+// nonce_of() heals.
+Status Filesystem::rename_over_empty_dir(int from_dir, const std::string& from, int to_dir,
+                                         const std::string& to) {
+  int fd = openat(to_dir, to.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return Status::Io(ENOTEMPTY, "rename");
+  FdGuard g{fd};
+  auto empty = holds_only_nonce(fd);
+  if (!empty.ok()) return empty.status();
+  if (!*empty) return Status::Io(ENOTEMPTY, "rename");
+  auto saved = read_dir_nonce(fd);
+  if (unlinkat(fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status("rename");
+  if (renameat2(from_dir, from.c_str(), to_dir, to.c_str(), 0) != 0) {
+    int err = errno;
+    if (saved.ok()) restore_dir_nonce(fd, *saved);
+    return Status::Io(err, "rename");
   }
   return Status::Ok();
 }

@@ -96,6 +96,7 @@ class Filesystem {
   Status make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
                     bool fresh);
   Status own(int dir_fd, const std::string& backing, Caller who);
+  Status rename_over_empty_dir(int from_dir, const std::string& from, int to_dir, const std::string& to);
   Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
   // The inode's open file if it has open handles, else nullptr; takes no reference.
   static std::shared_ptr<OpenFile> opened(Inode& inode);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -70,6 +71,9 @@ void raise_readahead(const std::string& mountpoint, unsigned kib) {
 
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
+  // The kernel has already applied the caller's umask to every mode it sends; ours must not
+  // mask it a second time.
+  umask(0);
   if (!o.log_file.empty()) log_to(LogTarget::kFile, o.log_file);
   else if (!o.foreground) log_to(LogTarget::kSyslog);
 

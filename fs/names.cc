@@ -1,5 +1,6 @@
 #include "fs/names.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <openssl/sha.h>
 #include <sys/stat.h>
@@ -55,6 +56,31 @@ Result<DirNonce> read_dir_nonce(int dir_fd) {
   close(fd);
   if (n != static_cast<ssize_t>(nonce.size())) return Status(Code::kCorrupt, "directory nonce is damaged");
   return nonce;
+}
+
+void restore_dir_nonce(int dir_fd, const DirNonce& nonce) {
+  int fd = openat(dir_fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
+  if (fd < 0) return;
+  (void)write_all_and_sync(fd, nonce);
+  close(fd);
+  fsync(dir_fd);
+}
+
+Result<bool> holds_only_nonce(int dir_fd) {
+  int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::Io(errno, "open directory");
+  DIR* d = fdopendir(fd);
+  if (d == nullptr) {
+    close(fd);
+    return Status::Io(errno, "read directory");
+  }
+  bool only = true;
+  while (dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n != "." && n != ".." && n != kDirNonceName) only = false;
+  }
+  closedir(d);
+  return only;
 }
 
 bool is_reserved_name(std::string_view backing) {

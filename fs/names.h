@@ -29,6 +29,10 @@ using DirNonce = std::array<uint8_t, kDirNonceSize>;
 // together with the directory: file fsync, then directory fsync.
 Status create_dir_nonce(int dir_fd);
 Result<DirNonce> read_dir_nonce(int dir_fd);
+// Puts a nonce read earlier back (durably) after an operation that removed it failed.
+void restore_dir_nonce(int dir_fd, const DirNonce& nonce);
+// True when backing directory `dir_fd` holds nothing but (at most) its nonce: empty on the mount.
+Result<bool> holds_only_nonce(int dir_fd);
 
 struct BackingName {
   std::string entry;     // the name in the backing directory

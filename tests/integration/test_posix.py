@@ -157,6 +157,112 @@ class Namespace(VolumeTest):
         self.assertEqual(os.lstat(self.vol.path("lnk")).st_size, len("file-0001"))
 
 
+class EmptyDirectories(VolumeTest):
+    def _backing_dir(self, name):
+        """The one backing directory directly under the cipher root (the test makes only one)."""
+        dirs = [d for d in os.listdir(self.vol.cipher) if os.path.isdir(os.path.join(self.vol.cipher, d))]
+        self.assertEqual(len(dirs), 1, name)
+        return os.path.join(self.vol.cipher, dirs[0])
+
+    def test_rename_directory_over_empty_directory(self):
+        os.makedirs(self.vol.path("src", "inner"))
+        write_file(self.vol.path("src", "inner", "f"), b"payload")
+        os.mkdir(self.vol.path("dst"))
+        os.rename(self.vol.path("src"), self.vol.path("dst"))
+        self.assertFalse(os.path.exists(self.vol.path("src")))
+        self.assertEqual(read_file(self.vol.path("dst", "inner", "f")), b"payload")
+        os.mkdir(self.vol.path("other"))
+        with self.assertRaises(OSError) as cm:  # a non-empty target is still refused, intact
+            os.rename(self.vol.path("other"), self.vol.path("dst"))
+        self.assertEqual(cm.exception.errno, errno.ENOTEMPTY)
+        os.mkdir(self.vol.path("empty"))
+        with self.assertRaises(OSError) as cm:  # a file never replaces a directory
+            write_file(self.vol.path("file"), b"x")
+            os.rename(self.vol.path("file"), self.vol.path("empty"))
+        self.assertEqual(cm.exception.errno, errno.EISDIR)
+        write_file(self.vol.path("empty", "still-usable"), b"y")
+        self.vol.remount()
+        self.assertEqual(sorted(os.listdir(self.vol.mnt)), ["dst", "empty", "file", "other"])
+        self.assertEqual(read_file(self.vol.path("dst", "inner", "f")), b"payload")
+        self.assertEqual(read_file(self.vol.path("empty", "still-usable")), b"y")
+
+    def test_empty_directory_that_lost_its_nonce_is_healed(self):
+        # What a crash between "nonce out" and the rmdir/rename leaves behind.
+        os.mkdir(self.vol.path("d"))
+        self.vol.unmount()
+        os.unlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce"))
+        self.vol.mount()
+        write_file(self.vol.path("d", "f"), b"z")
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("d", "f")), b"z")
+
+    def test_non_empty_directory_without_nonce_fails_closed(self):
+        os.mkdir(self.vol.path("d"))
+        write_file(self.vol.path("d", "f"), b"z")
+        self.vol.unmount()
+        os.unlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce"))
+        self.vol.mount()
+        with self.assertRaises(OSError) as cm:
+            os.listdir(self.vol.path("d"))
+        self.assertEqual(cm.exception.errno, errno.EIO)
+
+
+class Ownership(VolumeTest):
+    mount_args = ("--allow-other",)
+
+    def as_user(self, uid, gid, fn):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(gid)
+                os.setuid(uid)
+                fn()
+                os._exit(0)
+            except BaseException as e:  # report to the parent through the exit code
+                print("child:", repr(e))
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+    def test_modes_are_masked_once_and_setuid_survives_create(self):
+        os.chmod(self.vol.mnt, 0o777)
+        old = os.umask(0)
+        try:
+            os.close(os.open(self.vol.path("open"), os.O_CREAT | os.O_WRONLY, 0o777))
+            os.mkdir(self.vol.path("dir"), 0o777)
+            os.close(os.open(self.vol.path("suid"), os.O_CREAT | os.O_WRONLY, 0o4755))
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("open")).st_mode), 0o777)
+        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("dir")).st_mode), 0o777)
+        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("suid")).st_mode), 0o4755)
+
+        def create_as_user():
+            os.umask(0o022)
+            os.close(os.open(self.vol.path("user-file"), os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkdir(self.vol.path("user-dir"))
+            os.symlink("user-file", self.vol.path("user-link"))
+        self.as_user(65534, 65534, create_as_user)
+        for n, mode in (("user-file", 0o644), ("user-dir", 0o755)):
+            st = os.stat(self.vol.path(n))
+            self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, mode), n)
+        self.assertEqual(os.lstat(self.vol.path("user-link")).st_uid, 65534)
+
+    def test_setgid_directory_passes_its_group_down(self):
+        os.mkdir(self.vol.path("shared"))
+        os.chown(self.vol.path("shared"), 0, 4321)
+        os.chmod(self.vol.path("shared"), 0o2777)
+
+        def create_as_user():
+            write_file(self.vol.path("shared", "f"), b"x")
+            os.mkdir(self.vol.path("shared", "sub"))
+        self.as_user(65534, 65534, create_as_user)
+        self.assertEqual(os.stat(self.vol.path("shared", "f")).st_gid, 4321)
+        sub = os.stat(self.vol.path("shared", "sub"))
+        self.assertEqual(sub.st_gid, 4321)
+        self.assertTrue(sub.st_mode & stat.S_ISGID)
+
+
 class FileOps(VolumeTest):
     def test_sparse_holes_and_truncate_both_ways(self):
         p = self.vol.path("sparse")
