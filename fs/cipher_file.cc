@@ -21,13 +21,22 @@ std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
 struct WriteBatch {
   std::unordered_map<uint64_t, CipherFile::Page*> dirty;
   std::vector<IoRequest> data;
-  std::vector<AlignedBuffer> buffers;
+  std::vector<AlignedBuffer> buffers;  // from BufferPool, returned on destruction
+  WriteBatch() = default;
+  WriteBatch(const WriteBatch&) = delete;
+  WriteBatch& operator=(const WriteBatch&) = delete;
+  ~WriteBatch() { release_buffers(); }
+  void release_buffers() {
+    for (auto& b : buffers) BufferPool::give(std::move(b));
+    buffers.clear();
+  }
 };
 
 void CipherFile::route(std::span<IoRequest> requests) const {
   for (IoRequest& q : requests) {
     bool aligned = reinterpret_cast<uintptr_t>(q.buf) % 4096 == 0 && q.offset % 4096 == 0 && q.len % 4096 == 0;
-    q.fd = dfd_ >= 0 && aligned ? dfd_ : fd_;
+    q.direct = dfd_ >= 0 && aligned;
+    q.fd = q.direct ? dfd_ : fd_;
   }
 }
 
@@ -89,19 +98,22 @@ CipherFile::Page* CipherFile::cache_page(uint64_t index, std::unique_ptr<Page> p
   return raw;
 }
 
+void CipherFile::evict_if_over_budget() {
+  if (g_cached_pages.load(std::memory_order_relaxed) < kPageBudget || pages_.size() <= 16) return;
+  // Over budget: give back half of this file's clean pages.
+  size_t n = 0, erased = 0;
+  std::erase_if(pages_, [&](const auto& kv) {
+    bool drop = kv.first != 0 && !kv.second->dirty && (n++ % 2 == 0);
+    erased += drop;
+    return drop;
+  });
+  g_cached_pages.fetch_sub(erased);
+}
+
 Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
   // cache_mu_ is held by the caller.
   if (auto it = pages_.find(index); it != pages_.end()) return &it->second->page;
-  if (g_cached_pages.load(std::memory_order_relaxed) >= kPageBudget && pages_.size() > 16) {
-    // Over budget: give back half of this file's clean pages.
-    size_t n = 0, erased = 0;
-    std::erase_if(pages_, [&](const auto& kv) {
-      bool drop = kv.first != 0 && !kv.second->dirty && (n++ % 2 == 0);
-      erased += drop;
-      return drop;
-    });
-    g_cached_pages.fetch_sub(erased);
-  }
+  evict_if_over_budget();
   auto p = std::make_unique<Page>();
   if (index >= layout_.page_count(size_)) {
     // Past the end of the file: whatever is there is stale; start a fresh page.
@@ -166,54 +178,97 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
     uint8_t* dst;      // where ciphertext lands and plaintext ends up
     uint64_t skip;     // for edge blocks: bytes of the block before the caller's range
     uint64_t copy;     // for edge blocks: bytes to copy out
+    size_t req = SIZE_MAX;  // the request that reads it, and where in that request
+    uint64_t at = 0;
     Slot slots[2];
+    bool hole() const { return slots[0].empty() && slots[1].empty(); }
   };
   std::vector<Pending> blocks;
   blocks.reserve(last - first + 1);
+  // Metadata pages not cached yet are read in the same submission as the data (one round trip
+  // to the disk instead of one per 128 KiB group), then authenticated before any slot is used.
+  const uint64_t first_page = Layout::page_of(first), last_page = Layout::page_of(last);
+  std::vector<std::pair<uint64_t, std::unique_ptr<Page>>> missing;
   {
     std::lock_guard lock2(cache_mu_);
-    for (uint64_t b = first; b <= last; ++b) {
-      auto pg = page(Layout::page_of(b), false);
-      if (!pg.ok()) return pg.status();
-      Pending p{};
-      p.index = b;
-      p.len = layout_.block_length(b, size_);
-      uint64_t bstart = b * bs;
-      uint64_t from = std::max<uint64_t>(bstart, offset), to = std::min<uint64_t>(bstart + p.len, offset + n);
-      p.skip = from - bstart;
-      p.copy = to - from;
-      bool whole = p.skip == 0 && p.copy == p.len;
-      p.dst = whole ? out.data() + (bstart - offset) : nullptr;
-      p.slots[0] = (*pg)->slot(Layout::entry_of(b), 0);
-      p.slots[1] = (*pg)->slot(Layout::entry_of(b), 1);
-      blocks.push_back(p);
+    evict_if_over_budget();
+    for (uint64_t pg = first_page; pg <= last_page; ++pg) {
+      if (!pages_.count(pg)) missing.emplace_back(pg, std::make_unique<Page>());
     }
   }
-  // Edge blocks (at most two) need scratch space of their own.
-  std::vector<uint8_t> scratch;
   size_t edges = 0;
-  for (auto& p : blocks) edges += p.dst == nullptr;
-  scratch.resize(edges * bs);
+  for (uint64_t b = first; b <= last; ++b) {
+    Pending p{};
+    p.index = b;
+    p.len = layout_.block_length(b, size_);
+    uint64_t bstart = b * bs;
+    uint64_t from = std::max<uint64_t>(bstart, offset), to = std::min<uint64_t>(bstart + p.len, offset + n);
+    p.skip = from - bstart;
+    p.copy = to - from;
+    const bool whole = p.skip == 0 && p.copy == p.len;
+    p.dst = whole ? out.data() + (bstart - offset) : nullptr;
+    edges += !whole;
+    blocks.push_back(p);
+  }
+  // Edge blocks (at most two) need scratch space of their own.
+  std::vector<uint8_t> scratch(edges * bs);
   size_t next_edge = 0;
-  std::vector<IoRequest> reqs;
-  for (auto& p : blocks) {
+  for (Pending& p : blocks) {
     if (p.dst == nullptr) p.dst = scratch.data() + (next_edge++) * bs;
-    if (p.slots[0].empty() && p.slots[1].empty()) continue;  // hole: no I/O
-    // Blocks contiguous on disk (within a group) and in the buffer are one request.
-    const uint64_t off = layout_.data_offset(p.index);
-    if (!reqs.empty() && reqs.back().offset + reqs.back().len == off &&
-        reqs.back().buf + reqs.back().len == p.dst) {
-      reqs.back().len += p.len;
-    } else {
-      reqs.push_back({fd_, p.dst, p.len, off, false, 0});
+  }
+  std::vector<IoRequest> reqs;
+  {
+    // Which blocks need their ciphertext: all of those in groups whose page is still to be read
+    // (a hole there is found out afterwards), those with a slot in cached pages.
+    std::lock_guard lock2(cache_mu_);
+    for (Pending& p : blocks) {
+      auto it = pages_.find(Layout::page_of(p.index));
+      if (it != pages_.end()) {
+        p.slots[0] = it->second->page.slot(Layout::entry_of(p.index), 0);
+        p.slots[1] = it->second->page.slot(Layout::entry_of(p.index), 1);
+        if (p.hole()) continue;
+      }
+      const uint64_t off = layout_.data_offset(p.index);
+      // Blocks contiguous on disk (within a group) and in the buffer are one request.
+      if (!reqs.empty() && reqs.back().offset + reqs.back().len == off &&
+          reqs.back().buf + reqs.back().len == p.dst) {
+        p.at = reqs.back().len;
+        reqs.back().len += p.len;
+      } else {
+        reqs.push_back({fd_, p.dst, p.len, off, false, 0});
+      }
+      p.req = reqs.size() - 1;
     }
+  }
+  const size_t data_reqs = reqs.size();
+  for (auto& [index, pg] : missing) {
+    reqs.push_back({fd_, pg->page.data(), kMetaPageSize, layout_.page_offset(index), false, 0});
   }
   route(reqs);
   ENVELOPEFS_RETURN_IF_ERROR(io_.run(reqs));
-  for (const IoRequest& q : reqs) {
-    if (q.done != q.len) {
-      return fail(layout_.block_at(q.offset + q.done),
-                  Status(Code::kAuthFailed, "data block truncated (backing file shorter than its size)"));
+  if (!missing.empty()) {
+    std::lock_guard lock2(cache_mu_);
+    for (size_t k = 0; k < missing.size(); ++k) {
+      auto& [index, pg] = missing[k];
+      if (reqs[data_reqs + k].done != kMetaPageSize) {
+        return fail(index * kBlocksPerGroup,
+                    Status(Code::kAuthFailed, "metadata page missing (backing file truncated)"));
+      }
+      Status st = pg->page.verify(keys_, id_, index);
+      if (!st.ok()) return fail(index * kBlocksPerGroup, st);
+      for (Pending& p : blocks) {
+        if (Layout::page_of(p.index) != index) continue;
+        p.slots[0] = pg->page.slot(Layout::entry_of(p.index), 0);
+        p.slots[1] = pg->page.slot(Layout::entry_of(p.index), 1);
+      }
+      // Another reader may have cached the same page meanwhile (same bytes: writers are
+      // excluded by rw_); the budget was checked above, a read adds at most its range's pages.
+      if (!pages_.count(index)) cache_page(index, std::move(pg));
+    }
+  }
+  for (const Pending& p : blocks) {
+    if (!p.hole() && (p.req == SIZE_MAX || reqs[p.req].done < p.at + p.len)) {
+      return fail(p.index, Status(Code::kAuthFailed, "data block truncated (backing file shorter than its size)"));
     }
   }
   // Decrypt every written block under its newer slot in one batch; a block whose newer slot
@@ -223,7 +278,7 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   std::vector<int> newer_of(blocks.size(), 0);
   for (size_t k = 0; k < blocks.size(); ++k) {
     Pending& p = blocks[k];
-    if (p.slots[0].empty() && p.slots[1].empty()) continue;
+    if (p.hole()) continue;
     const int newer = newer_slot(p.slots[0], p.slots[1]);
     newer_of[k] = newer;
     opens.push_back({p.index, &p.slots[newer], p.dst, p.len, Status()});
@@ -232,7 +287,7 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   size_t o = 0;
   for (size_t k = 0; k < blocks.size(); ++k) {
     Pending& p = blocks[k];
-    if (p.slots[0].empty() && p.slots[1].empty()) {
+    if (p.hole()) {
       std::memset(p.dst, 0, p.len);
     } else {
       Status st = opens[o++].result;
@@ -255,7 +310,7 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
                                 uint32_t last_len, const int* current, WriteBatch& batch) {
   const uint32_t bs = layout_.block_size();
   const uint64_t old_count = layout_.block_count(size_);
-  batch.buffers.emplace_back((count - 1) * bs + last_len);  // aligned, uninitialised
+  batch.buffers.push_back(BufferPool::take((count - 1) * bs + last_len));  // uninitialised
   uint8_t* cipher = batch.buffers.back().data();
   std::vector<Slot> sealed(count);
   Status sst = seal_blocks(keys_, id_, first, count, bs, last_len, plain, cipher, sealed.data());
@@ -307,7 +362,7 @@ Status CipherFile::flush(WriteBatch& batch) {
   for (auto& [index, p] : batch.dirty) p->dirty = false;
   batch.dirty.clear();
   batch.data.clear();
-  batch.buffers.clear();
+  batch.release_buffers();
   return Status::Ok();
 }
 
@@ -380,7 +435,7 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   // 3. The blocks themselves; edge blocks that hold other data are read, merged, re-sealed.
   const uint64_t count = last - first + 1;
   const uint32_t last_len = layout_.block_length(last, new_size);
-  std::vector<uint8_t> plain;
+  AlignedBuffer plain;
   std::vector<int> current(count, -1);
   // Blocks about to be overwritten whole whose current slot is not known: find it by reading,
   // so the new slot never replaces the only one that matches the data on disk.
@@ -409,7 +464,11 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   if (st.ok() && offset % bs == 0 && data.size() == (count - 1) * bs + last_len) {
     src = data.data();  // block-aligned: seal straight from the caller's buffer
   } else if (st.ok()) {
-    plain.assign((count - 1) * bs + last_len, 0);
+    // Only the two edge blocks can hold bytes this write does not bring: zero them, then read
+    // what they hold now; the data covers everything else.
+    plain = BufferPool::take((count - 1) * bs + last_len);
+    std::memset(plain.data(), 0, count == 1 ? last_len : bs);
+    if (count > 1) std::memset(plain.data() + (count - 1) * bs, 0, last_len);
     for (uint64_t k : {uint64_t{0}, count - 1}) {
       const uint64_t b = first + k;
       const uint64_t bstart = b * bs;
@@ -426,6 +485,7 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   }
   if (st.ok()) st = write_blocks(first, count, src, last_len, current.data(), batch);
   if (st.ok()) st = flush(batch);
+  if (plain.capacity() != 0) BufferPool::give(std::move(plain));
   if (!st.ok()) {
     abandon(batch);
     if (new_size > old_size) {

@@ -65,6 +65,8 @@ class CipherFile {
   Result<MetaPage*> page(uint64_t index, bool beyond_eof_ok);
   // Adds a page to the cache (and to the process-wide count); cache_mu_ held or no sharing yet.
   Page* cache_page(uint64_t index, std::unique_ptr<Page> page);
+  // Drops half of this file's clean pages when the process is over kPageBudget; cache_mu_ held.
+  void evict_if_over_budget();
   // Decrypts block `index` (whose stored length is `len`) into `out`. `current` receives the
   // slot that authenticated (-1 for a hole).
   Status read_block(uint64_t index, uint32_t len, uint8_t* out, int* current);

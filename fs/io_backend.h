@@ -19,6 +19,7 @@ struct IoRequest {
   uint64_t offset = 0;
   bool write = false;
   size_t done = 0;  // out: bytes transferred (a read stops early at end of file)
+  bool direct = false;  // fd is an O_DIRECT descriptor (set by CipherFile::route)
 };
 
 class IoBackend {
