@@ -21,7 +21,7 @@ struct WriteBatch;
 
 class CipherFile {
  public:
-  // Writes the header page into an empty backing file.
+  // Writes the header page into a new, empty backing file.
   static Result<std::unique_ptr<CipherFile>> create(int fd, VolumeKeys& keys, IoBackend& io);
   // Reads and authenticates the header page. The fd stays owned by the caller.
   static Result<std::unique_ptr<CipherFile>> open(int fd, VolumeKeys& keys, IoBackend& io);
@@ -47,8 +47,9 @@ class CipherFile {
   // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
   // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.
   static constexpr size_t kPageBudget = 16384;
-  // Growing writes reserve backing space in steps of this size (one fallocate per MiB
-  // appended instead of one per write).
+  // Growing writes of a file past this size reserve backing space in steps of it (one
+  // fallocate per MiB appended instead of one per write); what is left past the end at the
+  // last close is given back.
   static constexpr uint64_t kReserveStep = 1 << 20;
   ~CipherFile();
 

@@ -136,21 +136,25 @@ Status Filesystem::make_entry(uint64_t parent, int dir_fd, const std::string& ba
   return s;
 }
 
-Status Filesystem::own(int dir_fd, const std::string& backing, Caller who) {
+Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_t mode) {
   if (!as_root_) return Status::Ok();
   // In a set-group-ID directory the new node keeps the directory's group, which the backing
   // filesystem already gave it (System V semantics, as ext4 and every local fs).
   struct stat dir;
   if (fstat(dir_fd, &dir) != 0) return errno_status("stat parent");
-  gid_t gid = (dir.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : who.gid;
-  struct stat before;
-  if (fstatat(dir_fd, backing.c_str(), &before, AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
-  if (fchownat(dir_fd, backing.c_str(), who.uid, gid, AT_SYMLINK_NOFOLLOW) != 0) {
+  const bool inherit_gid = dir.st_mode & S_ISGID;
+  // The daemon (root) made the node, so it belongs to 0 and to group 0 or the inherited one.
+  // Nothing to change for a root caller; skipping the chown also keeps the node's ctime at
+  // the coarse clock tick the kernel compares against (a changed ctime after a stat is
+  // fine-grained, and the mismatch costs a SETATTR round trip per written file).
+  if (who.uid == 0 && (inherit_gid || who.gid == 0)) return Status::Ok();
+  if (fchownat(dir_fd, backing.c_str(), who.uid, inherit_gid ? static_cast<gid_t>(-1) : who.gid,
+               AT_SYMLINK_NOFOLLOW) != 0) {
     return errno_status("chown");
   }
   // chown clears set-user-ID/set-group-ID on files; a node created with them must keep them.
-  if (!S_ISLNK(before.st_mode) && (before.st_mode & (S_ISUID | S_ISGID)) &&
-      fchmodat(dir_fd, backing.c_str(), before.st_mode & 07777, 0) != 0) {
+  if (!S_ISLNK(mode) && (mode & (S_ISUID | S_ISGID)) &&
+      fchmodat(dir_fd, backing.c_str(), mode & 07777, 0) != 0) {
     return errno_status("chmod");
   }
   return Status::Ok();
@@ -242,7 +246,7 @@ Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev
   } else if (mknodat(pfd, bn->entry.c_str(), mode, rdev) != 0) {
     return errno_status("mknod");
   }
-  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
+  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who, mode));
   ENVELOPEFS_RETURN_IF_ERROR(make_entry(parent, pfd, bn->entry, out, true));
   if (keep_open && opened) {
     // Hand the descriptor we created with to the inode: no second open of the new file.
@@ -274,7 +278,7 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   struct stat parent_st;
   if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
   if (st.ok() && fchmod(fd, mode & 07777) != 0) st = errno_status("chmod");
-  if (st.ok()) st = own(pfd, bn->entry, who);
+  if (st.ok()) st = own(pfd, bn->entry, who, S_IFDIR | mode);
   if (!st.ok()) {
     unlinkat(fd, kDirNonceName, 0);
     unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR);
@@ -293,7 +297,7 @@ Status Filesystem::symlink(const char* target, uint64_t parent, const char* name
   const int pfd = pl->dir->fd;
   const BackingName* bn = &pl->name;
   if (symlinkat(enc->c_str(), pfd, bn->entry.c_str()) != 0) return errno_status("symlink");
-  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who));
+  ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who, S_IFLNK | 0777));
   return make_entry(parent, pfd, bn->entry, out, true);
 }
 
@@ -593,10 +597,19 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(ENODATA, "getxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
-  std::string path = proc_path((*i)->fd);
-  Bytes buf(65536 + 64);
-  ssize_t n = ::getxattr(path.c_str(), enc->c_str(), buf.data(), buf.size());
+  // The kernel asks for security.capability before every write to a file, which is open then:
+  // its descriptor saves a path walk through /proc, and the size probe saves a 64 KiB buffer
+  // in the usual case of no such attribute.
+  std::shared_ptr<OpenFile> of = (*i)->type == S_IFREG ? opened(**i) : nullptr;
+  std::string path = of ? std::string() : proc_path((*i)->fd);
+  auto get = [&](void* buf, size_t size) {
+    return of ? ::fgetxattr(of->fd, enc->c_str(), buf, size) : ::getxattr(path.c_str(), enc->c_str(), buf, size);
+  };
+  ssize_t n = get(nullptr, 0);
   if (n < 0) return errno_status("getxattr");
+  Bytes buf(static_cast<size_t>(n));
+  n = get(buf.data(), buf.size());
+  if (n < 0) return errno_status("getxattr");  // ERANGE if it grew meanwhile: the caller retries
   buf.resize(static_cast<size_t>(n));
   return decrypt_xattr_value(*keys_, *enc, buf);
 }

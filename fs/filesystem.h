@@ -95,7 +95,8 @@ class Filesystem {
   Status stat_inode(Inode& inode, struct stat* out);
   Status make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
                     bool fresh);
-  Status own(int dir_fd, const std::string& backing, Caller who);
+  // Gives a node the daemon created to the caller; `mode` is the one it was created with.
+  Status own(int dir_fd, const std::string& backing, Caller who, mode_t mode);
   Status rename_over_empty_dir(int from_dir, const std::string& from, int to_dir, const std::string& to);
   Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
   // The inode's open file if it has open handles, else nullptr; takes no reference.

@@ -1,5 +1,6 @@
 // fs/ block format without a mount: round trips, tampering, holes, the two-slot rule.
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -22,14 +23,14 @@ struct Fixture {
         io(uring ? make_uring_backend(nullptr) : make_posix_backend()) {
     if (!io) io = make_posix_backend();
   }
-  int open_fd(const std::string& name) {
-    int fd = ::open(dir.sub(name).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  int open_fd(const std::string& name, int extra_flags = 0) {
+    int fd = ::open(dir.sub(name).c_str(), O_RDWR | O_CREAT | O_CLOEXEC | extra_flags, 0600);
     EXPECT_GE(fd, 0);
     fds.push_back(fd);
     return fd;
   }
   std::unique_ptr<CipherFile> create(const std::string& name, IoBackend* b = nullptr) {
-    auto f = CipherFile::create(open_fd(name), *vol.keys, b ? *b : *io);
+    auto f = CipherFile::create(open_fd(name, O_TRUNC), *vol.keys, b ? *b : *io);
     EXPECT_TRUE(f.ok()) << f.status().to_string();
     return std::move(f).value();
   }
@@ -371,6 +372,34 @@ TEST(CipherFile, NoSpaceLeavesOldContentAndSize) {
   auto g = fx.reopen("f");
   ASSERT_TRUE(g.ok());
   EXPECT_EQ(read_all(**g), data);
+}
+
+// Space reserved ahead of a growing file is returned at close: a file must not keep a MiB of
+// disk past its end (each small file of a copied tree did, before).
+TEST(CipherFile, ReservedSpaceIsGivenBackAtClose) {
+  Fixture fx;
+  std::mt19937_64 rng(8);
+  auto allocated = [&](const char* name) {
+    struct stat st;
+    EXPECT_EQ(::stat(fx.dir.sub(name).c_str(), &st), 0);
+    return std::pair<uint64_t, uint64_t>(static_cast<uint64_t>(st.st_blocks) * 512, static_cast<uint64_t>(st.st_size));
+  };
+  auto small = fx.create("small");
+  ASSERT_TRUE(small->write(0, random_bytes(rng, 10'000)).ok());
+  small.reset();
+  auto [small_alloc, small_size] = allocated("small");
+  EXPECT_LE(small_alloc, small_size + 16384);  // a block of slack, plus an extent block
+  auto big = fx.create("big");
+  Bytes chunk = random_bytes(rng, 100'000);
+  for (int k = 0; k < 30; ++k) ASSERT_TRUE(big->write(big->size(), chunk).ok());  // appends past steps
+  auto [open_alloc, open_size] = allocated("big");
+  EXPECT_GT(open_alloc, open_size);  // reserved ahead while open
+  big.reset();
+  auto [big_alloc, big_size] = allocated("big");
+  EXPECT_LE(big_alloc, big_size + 16384);
+  auto g = fx.reopen("big");
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ((*g)->size(), 30u * chunk.size());
 }
 
 TEST(CipherFile, FailedOverwriteLeavesEveryBlockOldOrNew) {
