@@ -295,8 +295,9 @@ def main():
     peers = [n for n in names if n in ("gocryptfs", "securefs")]
     if "envelopefs" in results:
         lines.append("")
-        lines.append("| metric | envelopefs / best peer | envelopefs / passthrough | envelopefs / ext4 |")
-        lines.append("|---|---|---|---|")
+        lines.append("| metric | envelopefs / best peer | envelopefs / passthrough | "
+                     "envelopefs / passthrough-wb | envelopefs / ext4 |")
+        lines.append("|---|---|---|---|---|")
         e = results["envelopefs"]
         for k in keys:
             if k.startswith("daemon") or k.startswith("page cache") or e.get(k) is None:
@@ -312,6 +313,7 @@ def main():
                 if v is not None:
                     best = v if best is None else (min(best, v) if lower_better else max(best, v))
             lines.append(f"| {k} | {ratio(best)} | {ratio(results.get('passthrough', {}).get(k))} | "
+                         f"{ratio(results.get('passthrough-wb', {}).get(k))} | "
                          f"{ratio(results.get('ext4', {}).get(k))} |")
     table = "\n".join(lines)
     print(table)

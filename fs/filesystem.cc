@@ -41,7 +41,8 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       options_(options),
       inodes_(root_fd),
       layout_(keys_->block_size()),
-      as_root_(geteuid() == 0) {}
+      as_root_(geteuid() == 0),
+      root_fd_(root_fd) {}
 
 Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
   auto i = inodes_.get(ino);
@@ -212,7 +213,7 @@ Status Filesystem::readlink(uint64_t ino, std::string* target) {
   char buf[PATH_MAX + 1];
   ssize_t n = readlinkat((*i)->fd, "", buf, sizeof buf - 1);
   if (n < 0) return errno_status("readlink");
-  auto t = decrypt_symlink(*keys_, std::string_view(buf, static_cast<size_t>(n)));
+  auto t = load_symlink(*keys_, root_fd_, std::string_view(buf, static_cast<size_t>(n)));
   if (!t.ok()) return t.status();
   *target = std::move(t).value();
   return Status::Ok();
@@ -289,14 +290,17 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
 
 Status Filesystem::symlink(const char* target, uint64_t parent, const char* name, Caller who,
                            Entry* out) {
-  auto enc = encrypt_symlink(*keys_, target);
-  if (!enc.ok()) return enc.status();
-  if (enc->size() >= PATH_MAX) return Status::Io(ENAMETOOLONG, "symlink target");
   auto pl = place_new(parent, name);
   if (!pl.ok()) return pl.status();
   const int pfd = pl->dir->fd;
   const BackingName* bn = &pl->name;
-  if (symlinkat(enc->c_str(), pfd, bn->entry.c_str()) != 0) return errno_status("symlink");
+  auto stored = store_symlink(*keys_, root_fd_, target);
+  if (!stored.ok()) return stored.status();
+  if (symlinkat(stored->c_str(), pfd, bn->entry.c_str()) != 0) {
+    Status st = errno_status("symlink");
+    drop_symlink_record(root_fd_, *stored);
+    return st;
+  }
   ENVELOPEFS_RETURN_IF_ERROR(own(pfd, bn->entry, who, S_IFLNK | 0777));
   return make_entry(parent, pfd, bn->entry, out, true);
 }
@@ -317,8 +321,10 @@ Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* 
 Status Filesystem::unlink(uint64_t parent, const char* name) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();
+  const std::string record = symlink_record_of(pl->dir->fd, pl->name.entry);
   if (unlinkat(pl->dir->fd, pl->name.entry.c_str(), 0) != 0) return errno_status("unlink");
   remove_long_name(pl->dir->fd, pl->name);
+  if (!record.empty()) drop_symlink_record(root_fd_, record);
   return Status::Ok();
 }
 
@@ -353,6 +359,17 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   if (!to.ok()) return to.status();
   const BackingName& b1 = from->name;
   const BackingName& b2 = to->name;
+  // A symlink replaced by the rename loses its last link: its record goes too. (Not when
+  // both names are links of one inode: then the rename changes nothing.)
+  std::string replaced_record;
+  if (!(flags & RENAME_EXCHANGE)) {
+    struct stat a, b;
+    if (fstatat(from->dir->fd, b1.entry.c_str(), &a, AT_SYMLINK_NOFOLLOW) == 0 &&
+        fstatat(to->dir->fd, b2.entry.c_str(), &b, AT_SYMLINK_NOFOLLOW) == 0 &&
+        !(a.st_dev == b.st_dev && a.st_ino == b.st_ino)) {
+      replaced_record = symlink_record_of(to->dir->fd, b2.entry);
+    }
+  }
   if (renameat2(from->dir->fd, b1.entry.c_str(), to->dir->fd, b2.entry.c_str(), flags) != 0) {
     if ((errno != ENOTEMPTY && errno != EEXIST) || flags != 0) return errno_status("rename");
     ENVELOPEFS_RETURN_IF_ERROR(rename_over_empty_dir(from->dir->fd, b1.entry, to->dir->fd, b2.entry));
@@ -360,6 +377,7 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1.entry == b2.entry)) {
     remove_long_name(from->dir->fd, b1);
   }
+  if (!replaced_record.empty()) drop_symlink_record(root_fd_, replaced_record);
   struct stat st;
   if (fstatat(to->dir->fd, b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     if (auto moved = inodes_.find(st.st_dev, st.st_ino)) {
@@ -391,6 +409,18 @@ Status Filesystem::rename_over_empty_dir(int from_dir, const std::string& from, 
     return Status::Io(err, "rename");
   }
   return Status::Ok();
+}
+
+std::string Filesystem::symlink_record_of(int dir_fd, const std::string& entry) {
+  struct stat st;
+  if (fstatat(dir_fd, entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISLNK(st.st_mode) || st.st_nlink != 1) {
+    return {};
+  }
+  char buf[PATH_MAX];
+  ssize_t n = readlinkat(dir_fd, entry.c_str(), buf, sizeof buf);
+  if (n <= 0 || n >= static_cast<ssize_t>(sizeof buf)) return {};
+  std::string stored(buf, static_cast<size_t>(n));
+  return stored.rfind(kSymlinkRefPrefix, 0) == 0 ? stored : std::string();
 }
 
 int Filesystem::open_direct(int fd) {

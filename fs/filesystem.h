@@ -97,6 +97,9 @@ class Filesystem {
                     bool fresh);
   // Gives a node the daemon created to the caller; `mode` is the one it was created with.
   Status own(int dir_fd, const std::string& backing, Caller who, mode_t mode);
+  // If `entry` in `dir_fd` is the last link of a symlink whose target lives in a record,
+  // returns what it holds, so the record can be dropped once the entry is gone.
+  std::string symlink_record_of(int dir_fd, const std::string& entry);
   Status rename_over_empty_dir(int from_dir, const std::string& from, int to_dir, const std::string& to);
   Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
   // The inode's open file if it has open handles, else nullptr; takes no reference.
@@ -117,6 +120,7 @@ class Filesystem {
   InodeTable inodes_;
   Layout layout_;
   const bool as_root_;
+  const int root_fd_;  // the cipher root (O_PATH, owned by the inode table)
 };
 
 }  // namespace envelopefs

@@ -18,7 +18,8 @@ namespace {
 
 class Checker {
  public:
-  Checker(VolumeKeys& keys, IoBackend& io, bool quiet) : keys_(keys), io_(io), quiet_(quiet) {}
+  Checker(VolumeKeys& keys, IoBackend& io, int root_fd, bool quiet)
+      : keys_(keys), io_(io), root_fd_(root_fd), quiet_(quiet) {}
 
   void dir(int dir_fd, const std::string& plain_path, const std::string& backing_path) {
     report_.dirs++;
@@ -58,7 +59,7 @@ class Checker {
         char buf[PATH_MAX + 1];
         ssize_t n = readlinkat(dir_fd, backing.c_str(), buf, sizeof buf - 1);
         auto t = n < 0 ? Result<std::string>(Status(Code::kIoError, "readlink"))
-                       : decrypt_symlink(keys_, std::string_view(buf, static_cast<size_t>(n)));
+                       : load_symlink(keys_, root_fd_, std::string_view(buf, static_cast<size_t>(n)));
         if (!t.ok()) problem(path, "symlink target: " + t.status().to_string());
       }
     }
@@ -111,6 +112,7 @@ class Checker {
 
   VolumeKeys& keys_;
   IoBackend& io_;
+  int root_fd_;
   bool quiet_;
   FsckReport report_;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
@@ -130,7 +132,7 @@ int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, boo
     return 2;
   }
   auto io = make_posix_backend();
-  Checker c(*volume->keys, *io, quiet);
+  Checker c(*volume->keys, *io, root, quiet);
   c.dir(root, "", cipher_dir);
   close(root);
   const FsckReport& r = c.report();

@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
+#include <climits>
 
 #include "crypto/random.h"
 
@@ -166,6 +168,73 @@ Result<std::string> decrypt_symlink(const VolumeKeys& keys, std::string_view sto
   auto plain = keys.names().open(as_bytes(kSymlinkAd), sealed);
   if (!plain.ok()) return plain.status();
   return std::string(as_chars(*plain));
+}
+
+namespace {
+
+// A record id is 22 base64url characters; anything else in a reference is damage, and must
+// never be used as a path (no '/', no "..").
+std::optional<std::string> record_path(std::string_view stored) {
+  if (stored.rfind(kSymlinkRefPrefix, 0) != 0) return std::nullopt;
+  std::string_view id = stored.substr(sizeof(kSymlinkRefPrefix) - 1);
+  if (id.size() != 22) return std::nullopt;
+  for (char c : id) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_') return std::nullopt;
+  }
+  return std::string(kSymlinkRecordDir) + "/" + std::string(id);
+}
+
+}  // namespace
+
+Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target) {
+  auto enc = encrypt_symlink(keys, target);
+  if (!enc.ok() || enc->size() < PATH_MAX) return enc;
+  uint8_t id[16];
+  ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
+  const std::string ref = std::string(kSymlinkRefPrefix) + base64url_encode(id);
+  const std::string path = *record_path(ref);
+  if (mkdirat(root_fd, kSymlinkRecordDir, 0700) == 0) {
+    int root = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) return Status::Io(errno, "open cipher root");
+    int rc = fsync(root);
+    close(root);
+    if (rc != 0) return Status::Io(errno, "fsync cipher root");
+  } else if (errno != EEXIST) {
+    return Status::Io(errno, "create symlink record directory");
+  }
+  int fd = openat(root_fd, path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+  if (fd < 0) return Status::Io(errno, "create symlink record");
+  Status st = write_all_and_sync(fd, as_bytes(*enc));
+  close(fd);
+  int dir = openat(root_fd, kSymlinkRecordDir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (st.ok() && (dir < 0 || fsync(dir) != 0)) st = Status::Io(errno, "fsync symlink records");
+  if (dir >= 0) close(dir);
+  if (!st.ok()) {
+    unlinkat(root_fd, path.c_str(), 0);
+    return st.prefix("symlink record");
+  }
+  return ref;
+}
+
+Result<std::string> load_symlink(const VolumeKeys& keys, int root_fd, std::string_view stored) {
+  if (stored.rfind(kSymlinkRefPrefix, 0) != 0) return decrypt_symlink(keys, stored);
+  auto path = record_path(stored);
+  if (!path) return Status(Code::kAuthFailed, "symlink record reference is damaged");
+  int fd = openat(root_fd, path->c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status(Code::kAuthFailed, "symlink record is missing");
+    return Status::Io(errno, "open symlink record");
+  }
+  std::string content(2 * PATH_MAX, '\0');  // a record holds at most ~4/3 (PATH_MAX + 16)
+  ssize_t n = read(fd, content.data(), content.size());
+  close(fd);
+  if (n < 0) return Status::Io(errno, "read symlink record");
+  content.resize(static_cast<size_t>(n));
+  return decrypt_symlink(keys, content);
+}
+
+void drop_symlink_record(int root_fd, std::string_view stored) {
+  if (auto path = record_path(stored)) unlinkat(root_fd, path->c_str(), 0);
 }
 
 Result<std::string> encrypt_xattr_name(const VolumeKeys& keys, std::string_view name) {

@@ -56,6 +56,18 @@ void remove_long_name(int dir_fd, const BackingName& name);
 Result<std::string> encrypt_symlink(const VolumeKeys& keys, std::string_view target);
 Result<std::string> decrypt_symlink(const VolumeKeys& keys, std::string_view stored);
 
+// A target whose encrypted form would not fit in a backing symlink (PATH_MAX) is kept in a
+// record file `envelopefs.symlinks/<id>` under the cipher root, and the backing symlink holds
+// `envelopefs.symlink.<id>` (fs/FORMAT.md, "Names").
+inline constexpr char kSymlinkRecordDir[] = "envelopefs.symlinks";
+inline constexpr char kSymlinkRefPrefix[] = "envelopefs.symlink.";
+// What the backing symlink should hold for `target`; writes (durably) the record if one is needed.
+Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target);
+// The plaintext target for what a backing symlink holds (follows a record reference).
+Result<std::string> load_symlink(const VolumeKeys& keys, int root_fd, std::string_view stored);
+// Removes the record `stored` refers to, if it refers to one (its last link is gone).
+void drop_symlink_record(int root_fd, std::string_view stored);
+
 // Extended attributes: every name maps to "user.envelopefs.<base64url(SIV(name))>" on the
 // backing file; values are SIV-sealed with the encrypted name as associated data.
 inline constexpr char kXattrPrefix[] = "user.envelopefs.";

@@ -7,8 +7,8 @@ import multiprocessing
 import os
 import stat
 
-from common import (Volume, VolumeTest, fallocate, main, rand_bytes, read_file, renameat2,
-                    write_file)
+from common import (BIN, Volume, VolumeTest, fallocate, main, rand_bytes, read_file, renameat2,
+                    run, write_file)
 
 SIZES = [0, 1, 100, 4095, 4096, 4097, 31 * 4096 - 1, 31 * 4096, 31 * 4096 + 1, (1 << 20) + 3, 5 << 20]
 
@@ -261,6 +261,47 @@ class Ownership(VolumeTest):
         sub = os.stat(self.vol.path("shared", "sub"))
         self.assertEqual(sub.st_gid, 4321)
         self.assertTrue(sub.st_mode & stat.S_ISGID)
+
+
+class LongSymlinkTargets(VolumeTest):
+    def records(self):
+        d = os.path.join(self.vol.cipher, "envelopefs.symlinks")
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+    def test_targets_up_to_path_max_round_trip_and_records_follow_links(self):
+        targets = {n: "/".join(["d" * 200] * 30)[:n] for n in (3000, 3500, 4095)}
+        for n, t in targets.items():
+            os.symlink(t, self.vol.path(f"l{n}"))
+        with self.assertRaises(OSError) as cm:  # the kernel's own limit still holds
+            os.symlink("x" * 4096, self.vol.path("too-long"))
+        self.assertEqual(cm.exception.errno, errno.ENAMETOOLONG)
+        self.assertEqual(len(self.records()), 2)  # 3000 fits inline; 3500 and 4095 do not
+        os.link(self.vol.path("l4095"), self.vol.path("hard"), follow_symlinks=False)
+        self.vol.remount()
+        for n, t in targets.items():
+            self.assertEqual(os.readlink(self.vol.path(f"l{n}")), t)
+            self.assertEqual(os.lstat(self.vol.path(f"l{n}")).st_size, n)
+        self.assertEqual(os.readlink(self.vol.path("hard")), targets[4095])
+        self.assertEqual(run([BIN, "fsck", "-q", self.vol.cipher], check=False).returncode, 0)
+        os.unlink(self.vol.path("l4095"))  # one link left: the record stays
+        self.assertEqual(os.readlink(self.vol.path("hard")), targets[4095])
+        self.assertEqual(len(self.records()), 2)
+        os.unlink(self.vol.path("hard"))
+        self.assertEqual(len(self.records()), 1)
+        write_file(self.vol.path("plain"), b"x")
+        os.rename(self.vol.path("plain"), self.vol.path("l3500"))  # replacing the symlink drops it
+        self.assertEqual(self.records(), [])
+        self.assertNotIn("envelopefs.symlinks", os.listdir(self.vol.mnt))
+
+    def test_missing_record_is_eio_not_a_wrong_target(self):
+        os.symlink("t" * 4000, self.vol.path("l"))
+        self.vol.unmount()
+        for r in self.records():
+            os.unlink(os.path.join(self.vol.cipher, "envelopefs.symlinks", r))
+        self.vol.mount()
+        with self.assertRaises(OSError) as cm:
+            os.readlink(self.vol.path("l"))
+        self.assertEqual(cm.exception.errno, errno.EIO)
 
 
 class FileOps(VolumeTest):
