@@ -161,6 +161,21 @@ Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_
   return Status::Ok();
 }
 
+Status Filesystem::kill_suidgid(uint64_t ino) {
+  auto i = inode(ino);
+  if (!i.ok()) return i.status();
+  struct stat st;
+  if (fstatat((*i)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+  if (!S_ISREG(st.st_mode)) return Status::Ok();
+  mode_t mode = st.st_mode & 07777;
+  mode_t killed = mode & ~S_ISUID;
+  if (mode & S_IXGRP) killed &= ~S_ISGID;
+  if (killed != mode && fchmodat(AT_FDCWD, proc_path((*i)->fd).c_str(), killed, 0) != 0) {
+    return errno_status("chmod");
+  }
+  return Status::Ok();
+}
+
 Status Filesystem::lookup(uint64_t parent, const char* name, Entry* out) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();

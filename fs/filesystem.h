@@ -51,6 +51,9 @@ class Filesystem {
   };
 
   Status lookup(uint64_t parent, const char* name, Entry* out);
+  // Clears set-user-ID, and set-group-ID if group-executable, as a write or truncate by an
+  // unprivileged user does (the kernel leaves this to us: fs/fuse_channel.h).
+  Status kill_suidgid(uint64_t ino);
   void forget(uint64_t ino, uint64_t n) { inodes_.forget(ino, n); }
   Status getattr(uint64_t ino, struct stat* out);
   Status setattr(uint64_t ino, const struct stat& attr, int to_set, struct stat* out);

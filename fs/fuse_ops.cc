@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fs/aligned_buffer.h"
+#include "fs/fuse_channel.h"
 #include "fs/errno_map.h"
 #include "fs/filesystem.h"
 #include "fs/log.h"
@@ -105,7 +106,8 @@ void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
 void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
   guard(req, [&] {
     struct stat st;
-    Status s = fs_of(req).setattr(ino, *attr, to_set, &st);
+    Status s = request_kills_suidgid() ? fs_of(req).kill_suidgid(ino) : Status::Ok();
+    if (s.ok()) s = fs_of(req).setattr(ino, *attr, to_set, &st);
     if (!s.ok()) return reply_status(req, s, "setattr", ino);
     fuse_reply_attr(req, &st, fs_of(req).options().attr_timeout);
   });
@@ -190,7 +192,8 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   guard(req, [&] {
-    Status s = fs_of(req).open(ino);
+    Status s = request_kills_suidgid() ? fs_of(req).kill_suidgid(ino) : Status::Ok();
+    if (s.ok()) s = fs_of(req).open(ino);
     if (!s.ok()) return reply_status(req, s, "open", ino);
     set_open_flags(fi);
     if (fuse_reply_open(req, fi) != 0) fs_of(req).release(ino);
@@ -210,8 +213,8 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
 
 void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info*) {
   guard(req, [&] {
-    Status s = fs_of(req).write(ino, static_cast<uint64_t>(off),
-                                {reinterpret_cast<const uint8_t*>(data), size});
+    Status s = request_kills_suidgid() ? fs_of(req).kill_suidgid(ino) : Status::Ok();
+    if (s.ok()) s = fs_of(req).write(ino, static_cast<uint64_t>(off), {reinterpret_cast<const uint8_t*>(data), size});
     if (!s.ok()) return reply_status(req, s, "write", ino);
     fuse_reply_write(req, size);
   });

@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "fs/fuse_channel.h"
 #include "fs/fuse_ops.h"
 #include "fs/log.h"
 
@@ -106,6 +107,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     fuse_session_destroy(se);
     return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
   }
+  if (!install_fuse_channel(se)) log_error("cannot wrap the FUSE channel; every write will cost a GETXATTR round trip");
   raise_readahead(absolute(o.mountpoint), 1024);
   log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());

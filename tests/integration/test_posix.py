@@ -248,6 +248,29 @@ class Ownership(VolumeTest):
             self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, mode), n)
         self.assertEqual(os.lstat(self.vol.path("user-link")).st_uid, 65534)
 
+    def test_unprivileged_write_truncate_and_o_trunc_clear_setuid(self):
+        # The kernel leaves this to envelopefs (FUSE_HANDLE_KILLPRIV_V2, fs/fuse_channel.h).
+        f = self.vol.path("suid")
+        write_file(f, b"x" * 10000)
+        mode = lambda: stat.S_IMODE(os.stat(f).st_mode)
+
+        def append():
+            with open(f, "ab") as fh:
+                fh.write(b"more")
+        for action in (append, lambda: os.truncate(f, 100),
+                       lambda: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))):
+            os.chmod(f, 0o6777)
+            self.as_user(65534, 65534, action)
+            self.assertEqual(mode(), 0o777, action)
+        os.chmod(f, 0o2666)  # set-group-ID without group execute is a locking mark: it stays
+        self.as_user(65534, 65534, append)
+        self.assertEqual(mode(), 0o2666)
+        os.chmod(f, 0o6777)  # root (CAP_FSETID) keeps the bits
+        append()
+        self.assertEqual(mode(), 0o6777)
+        os.setxattr(f, "user.still", b"works")  # xattrs are unaffected
+        self.assertEqual(os.getxattr(f, "user.still"), b"works")
+
     def test_setgid_directory_passes_its_group_down(self):
         os.mkdir(self.vol.path("shared"))
         os.chown(self.vol.path("shared"), 0, 4321)

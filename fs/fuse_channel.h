@@ -1,0 +1,25 @@
+// The raw /dev/fuse channel, wrapped (fuse_session_custom_io) for the one thing libfuse 3.14
+// cannot do: negotiate FUSE_HANDLE_KILLPRIV_V2.
+//
+// Without it the kernel asks GETXATTR "security.capability" before every write() into the
+// page cache: FUSE sets SB_NOSEC only under that capability, so "nothing to strip" is never
+// cached in S_NOSEC. That was one synchronous round trip per write (4k random write: 5.4k
+// writes/s with, pure page-cache speed without). The capability's contract is that the
+// filesystem clears set-user-ID/set-group-ID itself when the kernel flags a WRITE, an OPEN
+// with O_TRUNC or a SETATTR; those flags are in the raw request, which libfuse 3.14 drops,
+// so the read hook notes them for the handler that runs next on the same thread.
+#pragma once
+
+#include "fs/fuse_ops.h"  // FUSE_USE_VERSION, fuse_lowlevel.h
+
+namespace envelopefs {
+
+// Installs the hooks on a mounted session (call right after fuse_session_mount).
+bool install_fuse_channel(fuse_session* se);
+
+// True when the request this thread is handling asked the filesystem to clear
+// set-user-ID/set-group-ID (FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID,
+// FATTR_KILL_SUIDGID).
+bool request_kills_suidgid();
+
+}  // namespace envelopefs
