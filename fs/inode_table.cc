@@ -61,13 +61,21 @@ std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t
 
 void InodeTable::forget(uint64_t id, uint64_t n) {
   if (id == FUSE_ROOT_ID) return;
-  std::lock_guard lock(mu_);
-  auto it = by_id_.find(id);
-  if (it == by_id_.end()) return;
-  Inode& inode = *it->second;
-  if (inode.nlookup.fetch_sub(n) > n) return;
-  by_backing_.erase({inode.dev, inode.ino});
-  by_id_.erase(it);  // the Inode closes its fd once the last user drops it
+  std::shared_ptr<Inode> gone;
+  {
+    std::lock_guard lock(mu_);
+    auto it = by_id_.find(id);
+    if (it == by_id_.end()) return;
+    Inode& inode = *it->second;
+    if (inode.nlookup.fetch_sub(n) > n) return;
+    by_backing_.erase({inode.dev, inode.ino});
+    gone = std::move(it->second);
+    by_id_.erase(it);
+  }
+  // The Inode closes its fd when `gone` (or its last other user) drops it, outside the table
+  // lock: for an unlinked file that close frees the blocks (and discards them, on a backing
+  // filesystem mounted with discard), half a millisecond during which every other request
+  // waited for the lock (rm -rf: GETATTR 46 us -> 258 us on average).
 }
 
 std::shared_ptr<Inode> InodeTable::find(dev_t dev, ino_t ino) {
