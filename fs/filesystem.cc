@@ -343,6 +343,28 @@ Status Filesystem::unlink(uint64_t parent, const char* name) {
   return Status::Ok();
 }
 
+namespace {
+
+// Runs `op`, a backing call that needs directory `dir_fd` empty (rmdir, rename over it), with
+// the directory's nonce taken out, and puts the nonce back if `op` fails. ENOTEMPTY without
+// touching anything if the directory holds more than its nonce.
+template <typename Op>
+Status with_nonce_out(int dir_fd, const char* what, Op op) {
+  auto empty = holds_only_nonce(dir_fd);
+  if (!empty.ok()) return empty.status();
+  if (!*empty) return Status::Io(ENOTEMPTY, what);
+  auto saved = read_dir_nonce(dir_fd);
+  if (unlinkat(dir_fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status(what);
+  if (op() != 0) {
+    int err = errno;
+    if (saved.ok()) restore_dir_nonce(dir_fd, *saved);  // the directory stays as it was
+    return Status::Io(err, what);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status Filesystem::rmdir(uint64_t parent, const char* name) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();
@@ -351,17 +373,8 @@ Status Filesystem::rmdir(uint64_t parent, const char* name) {
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("rmdir");
   FdGuard g{fd};
-  // Empty means: nothing but our nonce. Checked first so a failing rmdir keeps the nonce.
-  auto empty = holds_only_nonce(fd);
-  if (!empty.ok()) return empty.status();
-  if (!*empty) return Status::Io(ENOTEMPTY, "rmdir");
-  auto saved = read_dir_nonce(fd);
-  if (unlinkat(fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status("rmdir");
-  if (unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR) != 0) {
-    int err = errno;
-    if (saved.ok()) restore_dir_nonce(fd, *saved);  // the directory stays as it was
-    return Status::Io(err, "rmdir");
-  }
+  ENVELOPEFS_RETURN_IF_ERROR(
+      with_nonce_out(fd, "rmdir", [&] { return unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR); }));
   remove_long_name(pfd, *bn);
   return Status::Ok();
 }
@@ -405,25 +418,15 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
 }
 
 // A directory that is empty on the mount still holds its nonce, so the backing rename refuses
-// to replace it. Same two steps as rmdir: nonce out, then the rename; the nonce goes back if the
-// rename still fails. A crash in between leaves an empty directory without a nonce, which
-// nonce_of() heals.
+// to replace it: as for rmdir, the nonce goes out first (with_nonce_out). A crash in between
+// leaves an empty directory without a nonce, which nonce_of() heals.
 Status Filesystem::rename_over_empty_dir(int from_dir, const std::string& from, int to_dir,
                                          const std::string& to) {
   int fd = openat(to_dir, to.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return Status::Io(ENOTEMPTY, "rename");
   FdGuard g{fd};
-  auto empty = holds_only_nonce(fd);
-  if (!empty.ok()) return empty.status();
-  if (!*empty) return Status::Io(ENOTEMPTY, "rename");
-  auto saved = read_dir_nonce(fd);
-  if (unlinkat(fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status("rename");
-  if (renameat2(from_dir, from.c_str(), to_dir, to.c_str(), 0) != 0) {
-    int err = errno;
-    if (saved.ok()) restore_dir_nonce(fd, *saved);
-    return Status::Io(err, "rename");
-  }
-  return Status::Ok();
+  return with_nonce_out(fd, "rename",
+                        [&] { return renameat2(from_dir, from.c_str(), to_dir, to.c_str(), 0); });
 }
 
 std::string Filesystem::symlink_record_of(int dir_fd, const std::string& entry) {

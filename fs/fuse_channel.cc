@@ -21,6 +21,13 @@ bool view(const void* buf, size_t len, size_t at, T* out) {
   return true;
 }
 
+// Whether the request body (a T after the header) has `bit` set in its field `field`.
+template <typename T>
+bool has_flag(const void* buf, size_t len, uint32_t T::*field, uint32_t bit) {
+  T body;
+  return view(buf, len, sizeof(fuse_in_header), &body) && (body.*field & bit);
+}
+
 ssize_t channel_read(int fd, void* buf, size_t len, void*) {
   ssize_t n = ::read(fd, buf, len);
   t_kill_suidgid = false;
@@ -37,26 +44,15 @@ ssize_t channel_read(int fd, void* buf, size_t len, void*) {
       }
       break;
     }
-    case FUSE_WRITE: {
-      fuse_write_in w;
-      t_kill_suidgid = view(buf, got, body, &w) && (w.write_flags & FUSE_WRITE_KILL_SUIDGID);
+    case FUSE_WRITE:
+      t_kill_suidgid = has_flag<fuse_write_in>(buf, got, &fuse_write_in::write_flags, FUSE_WRITE_KILL_SUIDGID);
       break;
-    }
-    case FUSE_OPEN: {
-      fuse_open_in o;
-      t_kill_suidgid = view(buf, got, body, &o) && (o.open_flags & FUSE_OPEN_KILL_SUIDGID);
+    case FUSE_OPEN:
+      t_kill_suidgid = has_flag<fuse_open_in>(buf, got, &fuse_open_in::open_flags, FUSE_OPEN_KILL_SUIDGID);
       break;
-    }
-    case FUSE_CREATE: {
-      fuse_create_in c;
-      t_kill_suidgid = view(buf, got, body, &c) && (c.open_flags & FUSE_OPEN_KILL_SUIDGID);
+    case FUSE_SETATTR:
+      t_kill_suidgid = has_flag<fuse_setattr_in>(buf, got, &fuse_setattr_in::valid, FATTR_KILL_SUIDGID);
       break;
-    }
-    case FUSE_SETATTR: {
-      fuse_setattr_in s;
-      t_kill_suidgid = view(buf, got, body, &s) && (s.valid & FATTR_KILL_SUIDGID);
-      break;
-    }
     default:
       break;
   }

@@ -6,7 +6,7 @@
 // cached in S_NOSEC. That was one synchronous round trip per write (4k random write: 5.4k
 // writes/s with, pure page-cache speed without). The capability's contract is that the
 // filesystem clears set-user-ID/set-group-ID itself when the kernel flags a WRITE, an OPEN
-// with O_TRUNC or a SETATTR; those flags are in the raw request, which libfuse 3.14 drops,
+// with O_TRUNC or a SETATTR (a CREATE makes a new file: nothing to clear); those flags are in the raw request, which libfuse 3.14 drops,
 // so the read hook notes them for the handler that runs next on the same thread.
 #pragma once
 
