@@ -4,10 +4,11 @@
 // Without it the kernel asks GETXATTR "security.capability" before every write() into the
 // page cache: FUSE sets SB_NOSEC only under that capability, so "nothing to strip" is never
 // cached in S_NOSEC. That was one synchronous round trip per write (4k random write: 5.4k
-// writes/s with, pure page-cache speed without). The capability's contract is that the
-// filesystem clears set-user-ID/set-group-ID itself when the kernel flags a WRITE, an OPEN
-// with O_TRUNC or a SETATTR (a CREATE makes a new file: nothing to clear); those flags are in the raw request, which libfuse 3.14 drops,
-// so the read hook notes them for the handler that runs next on the same thread.
+// writes/s with, 16.4k without). The capability's contract is that the filesystem clears
+// set-user-ID/set-group-ID itself when the kernel flags a WRITE, an OPEN with O_TRUNC or a
+// SETATTR (a CREATE makes a new file: nothing to clear). The flags are in the raw request,
+// which libfuse 3.14 drops, so the read hook notes them for the handler that runs next on
+// the same thread (libfuse's worker reads a request and then handles it).
 #pragma once
 
 #include "fs/fuse_ops.h"  // FUSE_USE_VERSION, fuse_lowlevel.h
