@@ -5,7 +5,7 @@ compiled here from libfuse3-dev's example), envelopefs, and gocryptfs/securefs w
 reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
 
   sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
-                                [--no-pgbench] [--no-tree] [--out results.md]
+                                [--no-pgbench] [--no-tree] [--repeat N] [--out results.md]
 """
 import argparse
 import glob
@@ -228,6 +228,13 @@ def run_pgbench(fs, seconds):
         shutil.rmtree(sock, ignore_errors=True)
 
 
+def median(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
 HIGHER_IS_BETTER = lambda k: not k.endswith(" s") and "MiB" not in k.split(" on ")[-1] or k.endswith("MiB/s")
 
 
@@ -251,6 +258,8 @@ def main():
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--no-tree", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the whole comparison; the table shows each metric's median")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -266,25 +275,29 @@ def main():
         else:
             print(f"# {peer} not installed: apt-get install {peer}", file=sys.stderr)
     only = set(filter(None, a.only.split(",")))
-    results = {}
-    for name, make in candidates:
-        if only and name not in only:
-            continue
-        fs = make()
-        print(f"== {name}", file=sys.stderr)
-        fs.mount()
-        try:
-            r = run_fio_suite(fs, a.size, a.runtime)
-            if not a.no_tree:
-                r.update(run_tree(fs, a.tree))
-            if not a.no_pgbench:
-                r.update(run_pgbench(fs, a.pgbench_seconds))
-            rss = peak_rss(fs.daemon_pid())
-            r["daemon peak RSS MiB"] = rss / 1048576 if rss else None
-            results[name] = r
-            print(json.dumps(r), file=sys.stderr)
-        finally:
-            fs.unmount()
+    # Each round runs every filesystem once, back to back; with --repeat N the table shows the
+    # median of the N rounds, so a disk that drifts during the run moves every column alike.
+    runs = {}
+    chosen = [(name, make) for name, make in candidates if not only or name in only]
+    made = {}
+    for round_no in range(a.repeat):
+        for name, make in chosen:
+            fs = made.setdefault(name, make())
+            print(f"== {name} (round {round_no + 1}/{a.repeat})", file=sys.stderr)
+            fs.mount()
+            try:
+                r = run_fio_suite(fs, a.size, a.runtime)
+                if not a.no_tree:
+                    r.update(run_tree(fs, a.tree))
+                if not a.no_pgbench:
+                    r.update(run_pgbench(fs, a.pgbench_seconds))
+                rss = peak_rss(fs.daemon_pid())
+                r["daemon peak RSS MiB"] = rss / 1048576 if rss else None
+                runs.setdefault(name, []).append(r)
+                print(json.dumps(r), file=sys.stderr)
+            finally:
+                fs.unmount()
+    results = {name: {k: median([r.get(k) for r in rs]) for k in rs[0]} for name, rs in runs.items()}
     keys = []
     for r in results.values():
         keys += [k for k in r if k not in keys]
@@ -315,6 +328,9 @@ def main():
             lines.append(f"| {k} | {ratio(best)} | {ratio(results.get('passthrough', {}).get(k))} | "
                          f"{ratio(results.get('passthrough-wb', {}).get(k))} | "
                          f"{ratio(results.get('ext4', {}).get(k))} |")
+    if a.repeat > 1:
+        lines.append("")
+        lines.append(f"Medians of {a.repeat} rounds, each running every filesystem once in turn.")
     table = "\n".join(lines)
     print(table)
     if a.out:
