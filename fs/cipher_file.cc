@@ -585,7 +585,10 @@ Status CipherFile::punch_hole(uint64_t offset, uint64_t len) {
 }
 
 Status CipherFile::sync(bool data_only) {
-  std::shared_lock lock(rw_);
+  // No lock: every write this fsync must cover returned before the FSYNC request was sent,
+  // and its bytes are in the backing file's page cache (or on disk, for O_DIRECT) by then.
+  // Holding rw_ here made writes to the file wait for the disk flush: PostgreSQL's WAL
+  // writers queued behind each other's commits.
   return io_.sync(fd_, data_only);
 }
 
