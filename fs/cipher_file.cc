@@ -14,6 +14,7 @@ namespace envelopefs {
 namespace {
 
 std::atomic<size_t> g_cached_pages{0};  // metadata pages cached by all files
+std::atomic<size_t> g_page_budget{CipherFile::kPageBudget};
 
 }  // namespace
 
@@ -107,8 +108,13 @@ CipherFile::Page* CipherFile::cache_page(uint64_t index, std::unique_ptr<Page> p
   return raw;
 }
 
+void CipherFile::set_page_budget(size_t pages) { g_page_budget = pages; }
+
 void CipherFile::evict_if_over_budget() {
-  if (g_cached_pages.load(std::memory_order_relaxed) < kPageBudget || pages_.size() <= 16) return;
+  if (g_cached_pages.load(std::memory_order_relaxed) < g_page_budget.load(std::memory_order_relaxed) ||
+      pages_.size() <= 16) {
+    return;
+  }
   // Over budget: give back half of this file's clean pages.
   size_t n = 0, erased = 0;
   std::erase_if(pages_, [&](const auto& kv) {
@@ -194,17 +200,6 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   };
   std::vector<Pending> blocks;
   blocks.reserve(last - first + 1);
-  // Metadata pages not cached yet are read in the same submission as the data (one round trip
-  // to the disk instead of one per 128 KiB group), then authenticated before any slot is used.
-  const uint64_t first_page = Layout::page_of(first), last_page = Layout::page_of(last);
-  std::vector<std::pair<uint64_t, std::unique_ptr<Page>>> missing;
-  {
-    std::lock_guard lock2(cache_mu_);
-    evict_if_over_budget();
-    for (uint64_t pg = first_page; pg <= last_page; ++pg) {
-      if (!pages_.count(pg)) missing.emplace_back(pg, std::make_unique<Page>());
-    }
-  }
   size_t edges = 0;
   for (uint64_t b = first; b <= last; ++b) {
     Pending p{};
@@ -225,11 +220,20 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   for (Pending& p : blocks) {
     if (p.dst == nullptr) p.dst = scratch.data() + (next_edge++) * bs;
   }
+  // Metadata pages not cached yet are read in the same submission as the data (one round trip
+  // to the disk instead of one per 128 KiB group), then authenticated before any slot is used.
+  // Which pages are missing and the slots of the cached ones are taken in one critical section:
+  // another reader may evict pages as soon as cache_mu_ is released.
+  std::vector<std::pair<uint64_t, std::unique_ptr<Page>>> missing;
   std::vector<IoRequest> reqs;
   {
-    // Which blocks need their ciphertext: all of those in groups whose page is still to be read
-    // (a hole there is found out afterwards), those with a slot in cached pages.
     std::lock_guard lock2(cache_mu_);
+    evict_if_over_budget();
+    for (uint64_t pg = Layout::page_of(first); pg <= Layout::page_of(last); ++pg) {
+      if (!pages_.count(pg)) missing.emplace_back(pg, std::make_unique<Page>());
+    }
+    // Which blocks need their ciphertext: all of those in groups whose page is still to be
+    // read (a hole there is found out afterwards), those with a slot in cached pages.
     for (Pending& p : blocks) {
       auto it = pages_.find(Layout::page_of(p.index));
       if (it != pages_.end()) {

@@ -47,6 +47,8 @@ class CipherFile {
   // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
   // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.
   static constexpr size_t kPageBudget = 16384;
+  // Sets that process-wide budget (tests lower it to exercise eviction).
+  static void set_page_budget(size_t pages);
   // Growing writes of a file past this size reserve backing space in steps of it (one
   // fallocate per MiB appended instead of one per write); what is left past the end at the
   // last close is given back.

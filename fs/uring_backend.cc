@@ -3,6 +3,7 @@
 #include <liburing.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -35,16 +36,19 @@ class UringBackend final : public IoBackend {
   // (measured: 36% of the daemon's CPU on a sequential write in those workers, plus a context
   // switch per request). A single request gains nothing from a ring either.
   Status run(std::span<IoRequest> requests) override {
-    size_t ring_count = 0;
-    for (const IoRequest& q : requests) ring_count += !q.write || q.direct;
-    if (ring_count == requests.size()) return requests.size() <= 1 ? posix_->run(requests) : submit(requests);
+    auto on_ring = [](const IoRequest& q) { return !q.write || q.direct; };
+    auto ring_or_posix = [&](std::span<IoRequest> part) {
+      return part.size() <= 1 ? posix_->run(part) : submit(part);
+    };
+    const size_t ring_count = static_cast<size_t>(std::count_if(requests.begin(), requests.end(), on_ring));
+    if (ring_count == requests.size()) return ring_or_posix(requests);
     if (ring_count == 0) return posix_->run(requests);
     std::vector<IoRequest> ring_part, inline_part;
-    for (const IoRequest& q : requests) (!q.write || q.direct ? ring_part : inline_part).push_back(q);
+    for (const IoRequest& q : requests) (on_ring(q) ? ring_part : inline_part).push_back(q);
     ENVELOPEFS_RETURN_IF_ERROR(posix_->run(inline_part));
-    ENVELOPEFS_RETURN_IF_ERROR(ring_part.size() <= 1 ? posix_->run(ring_part) : submit(ring_part));
+    ENVELOPEFS_RETURN_IF_ERROR(ring_or_posix(ring_part));
     size_t r = 0, i = 0;
-    for (IoRequest& q : requests) q.done = (!q.write || q.direct ? ring_part[r++] : inline_part[i++]).done;
+    for (IoRequest& q : requests) q.done = (on_ring(q) ? ring_part[r++] : inline_part[i++]).done;
     return Status::Ok();
   }
   // Two submissions rather than one with IOSQE_IO_DRAIN: a drained request is always punted
