@@ -525,7 +525,13 @@ Status CipherFile::truncate(uint64_t new_size) {
   std::unique_lock lock(rw_);
   const uint32_t bs = layout_.block_size();
   const uint64_t old_size = size_;
-  if (new_size == old_size) return Status::Ok();
+  if (new_size == old_size) {
+    // Nothing to re-seal, but the backing truncate still runs: it updates the times as a
+    // truncate on ext4 does (even to the same size), and gives back space reserved past the end.
+    ENVELOPEFS_RETURN_IF_ERROR(io_.truncate(fd_, layout_.backing_size(size_)));
+    reserved_end_ = layout_.backing_size(size_);
+    return Status::Ok();
+  }
   WriteBatch batch;
   Status st;
   if (new_size > old_size) {
