@@ -391,11 +391,13 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   // both names are links of one inode: then the rename changes nothing.)
   std::string replaced_record;
   if (!(flags & RENAME_EXCHANGE)) {
+    replaced_record = symlink_record_of(to->dir->fd, b2.entry);
     struct stat a, b;
-    if (fstatat(from->dir->fd, b1.entry.c_str(), &a, AT_SYMLINK_NOFOLLOW) == 0 &&
-        fstatat(to->dir->fd, b2.entry.c_str(), &b, AT_SYMLINK_NOFOLLOW) == 0 &&
-        !(a.st_dev == b.st_dev && a.st_ino == b.st_ino)) {
-      replaced_record = symlink_record_of(to->dir->fd, b2.entry);
+    if (!replaced_record.empty() &&
+        (fstatat(from->dir->fd, b1.entry.c_str(), &a, AT_SYMLINK_NOFOLLOW) != 0 ||
+         fstatat(to->dir->fd, b2.entry.c_str(), &b, AT_SYMLINK_NOFOLLOW) != 0 ||
+         (a.st_dev == b.st_dev && a.st_ino == b.st_ino))) {
+      replaced_record.clear();
     }
   }
   if (renameat2(from->dir->fd, b1.entry.c_str(), to->dir->fd, b2.entry.c_str(), flags) != 0) {
@@ -645,9 +647,9 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(ENODATA, "getxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
-  // The kernel asks for security.capability before every write to a file, which is open then:
-  // its descriptor saves a path walk through /proc, and the size probe saves a 64 KiB buffer
-  // in the usual case of no such attribute.
+  // The kernel asks for security.capability at the first write to each file (fs/fuse_channel.h),
+  // which is open then: its descriptor saves a path walk through /proc, and the size probe
+  // saves a 64 KiB buffer in the usual case of no such attribute.
   std::shared_ptr<OpenFile> of = (*i)->type == S_IFREG ? opened(**i) : nullptr;
   std::string path = of ? std::string() : proc_path((*i)->fd);
   auto get = [&](void* buf, size_t size) {

@@ -33,18 +33,24 @@ Status write_all_and_sync(int fd, ByteView data) {
   return Status::Ok();
 }
 
+// Creates `name` in directory `dir_fd` (exclusively, mode 0400) holding `data`, durably: the
+// file is written and fsynced, then the directory. EEXIST comes back as Status::Io(EEXIST).
+Status create_durable_file(int dir_fd, const char* name, ByteView data) {
+  int fd = openat(dir_fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+  if (fd < 0) return Status::Io(errno, "create");
+  Status st = write_all_and_sync(fd, data);
+  close(fd);
+  if (st.ok() && fsync(dir_fd) != 0) st = Status::Io(errno, "fsync directory");
+  return st;
+}
+
 }  // namespace
 
 Status create_dir_nonce(int dir_fd) {
   DirNonce nonce;
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(nonce));
-  int fd = openat(dir_fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
-  if (fd < 0) return Status::Io(errno, "create directory nonce");
-  Status st = write_all_and_sync(fd, nonce);
-  close(fd);
-  if (!st.ok()) return st.prefix("directory nonce");
-  if (fsync(dir_fd) != 0) return Status::Io(errno, "fsync of new directory");
-  return Status::Ok();
+  Status st = create_durable_file(dir_fd, kDirNonceName, nonce);
+  return st.ok() ? st : st.prefix("directory nonce");
 }
 
 Result<DirNonce> read_dir_nonce(int dir_fd) {
@@ -61,11 +67,7 @@ Result<DirNonce> read_dir_nonce(int dir_fd) {
 }
 
 void restore_dir_nonce(int dir_fd, const DirNonce& nonce) {
-  int fd = openat(dir_fd, kDirNonceName, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
-  if (fd < 0) return;
-  (void)write_all_and_sync(fd, nonce);
-  close(fd);
-  fsync(dir_fd);
+  (void)create_durable_file(dir_fd, kDirNonceName, nonce);
 }
 
 Result<bool> holds_only_nonce(int dir_fd) {
@@ -140,16 +142,9 @@ Result<std::string> decrypt_name(const VolumeKeys& keys, const DirNonce& nonce, 
 
 Status write_long_name(int dir_fd, const BackingName& name) {
   if (!name.is_long()) return Status::Ok();
-  std::string side = name.side_file();
-  int fd = openat(dir_fd, side.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0400);
-  if (fd < 0) {
-    if (errno == EEXIST) return Status::Ok();  // same name, same content
-    return Status::Io(errno, "create long name record");
-  }
-  Status st = write_all_and_sync(fd, as_bytes(name.longname));
-  close(fd);
-  if (st.ok() && fsync(dir_fd) != 0) st = Status::Io(errno, "fsync directory");
-  return st;
+  Status st = create_durable_file(dir_fd, name.side_file().c_str(), as_bytes(name.longname));
+  if (st.sys_errno() == EEXIST) return Status::Ok();  // same name, same content
+  return st.ok() ? st : st.prefix("long name record");
 }
 
 void remove_long_name(int dir_fd, const BackingName& name) {
@@ -189,10 +184,10 @@ std::optional<std::string> record_path(std::string_view stored) {
 Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target) {
   auto enc = encrypt_symlink(keys, target);
   if (!enc.ok() || enc->size() < PATH_MAX) return enc;
-  uint8_t id[16];
-  ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
-  const std::string ref = std::string(kSymlinkRefPrefix) + base64url_encode(id);
-  const std::string path = *record_path(ref);
+  uint8_t random_id[16];
+  ENVELOPEFS_RETURN_IF_ERROR(random_fill(random_id));
+  const std::string id = base64url_encode(random_id);
+  const std::string ref = std::string(kSymlinkRefPrefix) + id;
   if (mkdirat(root_fd, kSymlinkRecordDir, 0700) == 0) {
     int root = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (root < 0) return Status::Io(errno, "open cipher root");
@@ -202,17 +197,12 @@ Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::stri
   } else if (errno != EEXIST) {
     return Status::Io(errno, "create symlink record directory");
   }
-  int fd = openat(root_fd, path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
-  if (fd < 0) return Status::Io(errno, "create symlink record");
-  Status st = write_all_and_sync(fd, as_bytes(*enc));
-  close(fd);
   int dir = openat(root_fd, kSymlinkRecordDir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (st.ok() && (dir < 0 || fsync(dir) != 0)) st = Status::Io(errno, "fsync symlink records");
-  if (dir >= 0) close(dir);
-  if (!st.ok()) {
-    unlinkat(root_fd, path.c_str(), 0);
-    return st.prefix("symlink record");
-  }
+  if (dir < 0) return Status::Io(errno, "open symlink records");
+  Status st = create_durable_file(dir, id.c_str(), as_bytes(*enc));
+  if (!st.ok() && st.sys_errno() != EEXIST) unlinkat(dir, id.c_str(), 0);  // never a record not ours
+  close(dir);
+  if (!st.ok()) return st.prefix("symlink record");
   return ref;
 }
 
