@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
   CLI::App app{"envelopefs: a transparent encrypting filesystem with envelope encryption.\n"
                "Every block has its own key, wrapped by a versioned volume key, wrapped by a root key\n"
                "held by a key provider (default: a local key file)."};
-  app.set_version_flag("--version", std::string("envelopefs ") + ENVELOPEFS_VERSION);
+  app.set_version_flag("--version", std::string("envelopefs ") + ENVELOPEFS_VERSION + " (" + ENVELOPEFS_BUILD_TYPE + " build)");
   app.require_subcommand(1);
 
   ProviderOptions po;
