@@ -42,6 +42,7 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       inodes_(root_fd),
       layout_(keys_->block_size()),
       as_root_(geteuid() == 0),
+      nonce_store_(config_.has_feature(kFeatureNonceLinks) ? NonceStore::kLink : NonceStore::kFile),
       root_fd_(root_fd) {}
 
 Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
@@ -87,7 +88,7 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
     auto dfd = open_dir_fd(dir);
     if (!dfd.ok()) return dfd.status();
     FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(create_dir_nonce(*dfd));
+    ENVELOPEFS_RETURN_IF_ERROR(create_dir_nonce(*dfd, nonce_store_));
     n = read_dir_nonce(dir.fd);
   }
   if (!n.ok()) return n.status();
@@ -289,7 +290,7 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("open new directory");
   FdGuard g{fd};
-  Status st = create_dir_nonce(fd);
+  Status st = create_dir_nonce(fd, nonce_store_);
   // A directory made in a set-group-ID directory inherits the bit (the kernel does not send it).
   struct stat parent_st;
   if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
@@ -349,7 +350,7 @@ namespace {
 // the directory's nonce taken out, and puts the nonce back if `op` fails. ENOTEMPTY without
 // touching anything if the directory holds more than its nonce.
 template <typename Op>
-Status with_nonce_out(int dir_fd, const char* what, Op op) {
+Status with_nonce_out(int dir_fd, NonceStore store, const char* what, Op op) {
   auto empty = holds_only_nonce(dir_fd);
   if (!empty.ok()) return empty.status();
   if (!*empty) return Status::Io(ENOTEMPTY, what);
@@ -357,7 +358,7 @@ Status with_nonce_out(int dir_fd, const char* what, Op op) {
   if (unlinkat(dir_fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status(what);
   if (op() != 0) {
     int err = errno;
-    if (saved.ok()) restore_dir_nonce(dir_fd, *saved);  // the directory stays as it was
+    if (saved.ok()) restore_dir_nonce(dir_fd, *saved, store);  // the directory stays as it was
     return Status::Io(err, what);
   }
   return Status::Ok();
@@ -374,7 +375,7 @@ Status Filesystem::rmdir(uint64_t parent, const char* name) {
   if (fd < 0) return errno_status("rmdir");
   FdGuard g{fd};
   ENVELOPEFS_RETURN_IF_ERROR(
-      with_nonce_out(fd, "rmdir", [&] { return unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR); }));
+      with_nonce_out(fd, nonce_store_, "rmdir", [&] { return unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR); }));
   remove_long_name(pfd, *bn);
   return Status::Ok();
 }
@@ -427,7 +428,7 @@ Status Filesystem::rename_over_empty_dir(int from_dir, const std::string& from, 
   int fd = openat(to_dir, to.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return Status::Io(ENOTEMPTY, "rename");
   FdGuard g{fd};
-  return with_nonce_out(fd, "rename",
+  return with_nonce_out(fd, nonce_store_, "rename",
                         [&] { return renameat2(from_dir, from.c_str(), to_dir, to.c_str(), 0); });
 }
 

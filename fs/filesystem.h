@@ -123,6 +123,7 @@ class Filesystem {
   InodeTable inodes_;
   Layout layout_;
   const bool as_root_;
+  const NonceStore nonce_store_;  // how this volume's directories keep their nonce
   const int root_fd_;  // the cipher root (O_PATH, owned by the inode table)
 };
 

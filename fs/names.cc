@@ -44,30 +44,49 @@ Status create_durable_file(int dir_fd, const char* name, ByteView data) {
   return st;
 }
 
+Status write_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store) {
+  if (store == NonceStore::kFile) return create_durable_file(dir_fd, kDirNonceName, nonce);
+  if (symlinkat(base64url_encode(nonce).c_str(), dir_fd, kDirNonceName) != 0) return Status::Io(errno, "create");
+  return Status::Ok();
+}
+
 }  // namespace
 
-Status create_dir_nonce(int dir_fd) {
+Status create_dir_nonce(int dir_fd, NonceStore store) {
   DirNonce nonce;
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(nonce));
-  Status st = create_durable_file(dir_fd, kDirNonceName, nonce);
+  Status st = write_dir_nonce(dir_fd, nonce, store);
   return st.ok() ? st : st.prefix("directory nonce");
 }
 
 Result<DirNonce> read_dir_nonce(int dir_fd) {
+  DirNonce nonce;
+  char target[64];
+  ssize_t len = readlinkat(dir_fd, kDirNonceName, target, sizeof target);
+  if (len >= 0) {
+    Bytes raw;
+    if (!base64url_decode(std::string_view(target, static_cast<size_t>(len)), &raw) || raw.size() != nonce.size()) {
+      return Status(Code::kCorrupt, "directory nonce is damaged");
+    }
+    std::copy(raw.begin(), raw.end(), nonce.begin());
+    return nonce;
+  }
+  if (errno == ENOENT) return Status(Code::kCorrupt, "directory nonce is missing");
+  if (errno != EINVAL) return Status::Io(errno, "read directory nonce");
+  // EINVAL: not a symlink, so a nonce file (a volume without "nonce-links").
   int fd = openat(dir_fd, kDirNonceName, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) {
     if (errno == ENOENT) return Status(Code::kCorrupt, "directory nonce is missing");
     return Status::Io(errno, "open directory nonce");
   }
-  DirNonce nonce;
   ssize_t n = read(fd, nonce.data(), nonce.size());
   close(fd);
   if (n != static_cast<ssize_t>(nonce.size())) return Status(Code::kCorrupt, "directory nonce is damaged");
   return nonce;
 }
 
-void restore_dir_nonce(int dir_fd, const DirNonce& nonce) {
-  (void)create_durable_file(dir_fd, kDirNonceName, nonce);
+void restore_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store) {
+  (void)write_dir_nonce(dir_fd, nonce, store);
 }
 
 Result<bool> holds_only_nonce(int dir_fd) {

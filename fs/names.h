@@ -25,12 +25,23 @@ inline constexpr size_t kMaxBackingName = 255;
 
 using DirNonce = std::array<uint8_t, kDirNonceSize>;
 
-// Creates the nonce file in the (new, empty) backing directory `dir_fd` and makes it durable
-// together with the directory: file fsync, then directory fsync.
-Status create_dir_nonce(int dir_fd);
+// Where a directory keeps its nonce, by volume (fs/FORMAT.md, "Names").
+enum class NonceStore {
+  // A regular file holding the 16 bytes; made durable at creation by a file fsync and a
+  // directory fsync (two disk flushes per mkdir). Volumes without the "nonce-links" feature.
+  kFile,
+  // A symlink whose target is base64url(nonce): one metadata operation in the very directory
+  // it serves, so whatever makes that directory's entries durable (its fsync, a journal commit)
+  // makes the nonce durable with them, and it survives copies that drop xattrs (rsync -a, tar).
+  kLink,
+};
+
+// Creates the nonce in the (new, empty) backing directory `dir_fd`.
+Status create_dir_nonce(int dir_fd, NonceStore store);
+// Reads the nonce of backing directory `dir_fd`, whichever way it is stored.
 Result<DirNonce> read_dir_nonce(int dir_fd);
-// Puts a nonce read earlier back (durably) after an operation that removed it failed.
-void restore_dir_nonce(int dir_fd, const DirNonce& nonce);
+// Puts a nonce read earlier back after an operation that removed it failed.
+void restore_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store);
 // True when backing directory `dir_fd` holds nothing but (at most) its nonce: empty on the mount.
 Result<bool> holds_only_nonce(int dir_fd);
 

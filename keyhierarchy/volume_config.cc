@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 namespace envelopefs {
@@ -52,6 +53,10 @@ const DekRecord* VolumeConfig::active_dek() const {
     if (d.state == DekState::kActive) return &d;
   }
   return nullptr;
+}
+
+bool VolumeConfig::has_feature(std::string_view feature) const {
+  return std::find(features.begin(), features.end(), feature) != features.end();
 }
 
 std::string VolumeConfig::mac_input() const { return to_json_without_mac(*this).dump(); }
@@ -107,9 +112,10 @@ Result<VolumeConfig> VolumeConfig::parse(std::string_view text) {
       return corrupt("bad name_key");
     }
     c.features = j.at("features").get<std::vector<std::string>>();
-    if (!c.features.empty()) {
-      return Status(Code::kUnsupported, "volume uses feature '" + c.features.front() +
-                                            "' that this build does not know");
+    for (const std::string& f : c.features) {
+      if (std::find(std::begin(kKnownFeatures), std::end(kKnownFeatures), f) == std::end(kKnownFeatures)) {
+        return Status(Code::kUnsupported, "volume uses feature '" + f + "' that this build does not know");
+      }
     }
     Bytes mac;
     if (!from_hex(j.at("mac").get<std::string>(), &mac) || mac.size() != c.mac.size()) {

@@ -18,6 +18,14 @@ namespace envelopefs {
 inline constexpr char kConfigFileName[] = "envelopefs.conf";
 inline constexpr uint32_t kFormatVersion = 1;
 
+// Optional format features a volume may use (keyhierarchy/KEYS.md, fs/FORMAT.md). A build
+// refuses a volume that names a feature it does not know, so an older build fails with a clear
+// message instead of misreading a newer volume.
+//   nonce-links: directory nonces are symlinks (fs/FORMAT.md, "Names"); volumes made since
+//                0.1.0's second format revision have it.
+inline constexpr char kFeatureNonceLinks[] = "nonce-links";
+inline constexpr const char* kKnownFeatures[] = {kFeatureNonceLinks};
+
 using VolumeId = std::array<uint8_t, 16>;
 
 enum class DekState { kActive, kRetired };
@@ -37,10 +45,11 @@ struct VolumeConfig {
   nlohmann::json root_params = nlohmann::json::object();
   std::vector<DekRecord> deks;
   Bytes wrapped_name_key;
-  std::vector<std::string> features;  // none known in version 1; unknown ones are refused
+  std::vector<std::string> features;  // see kKnownFeatures; unknown ones are refused
   Mac256 mac{};
 
   const DekRecord* active_dek() const;
+  bool has_feature(std::string_view feature) const;
 
   static Result<VolumeConfig> parse(std::string_view text);
   // The canonical bytes the MAC covers: the JSON without the "mac" member, keys sorted.

@@ -10,6 +10,7 @@
 
 #include "fs/cipher_file.h"
 #include "fs/io_backend.h"
+#include "fs/names.h"
 #include "tests/fault_backend.h"
 #include "tests/test_util.h"
 
@@ -485,6 +486,89 @@ TEST(CipherFile, ConcurrentWritersAndReadersOnDisjointRanges) {
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(errors.load(), 0);
+}
+
+class DirNonces : public ::testing::TestWithParam<NonceStore> {
+ protected:
+  int open_dir(const std::string& name) {
+    std::filesystem::create_directory(dir_.sub(name));
+    int fd = ::open(dir_.sub(name).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    fds_.push_back(fd);
+    return fd;
+  }
+  ~DirNonces() override {
+    for (int fd : fds_) ::close(fd);
+  }
+  TempDir dir_;
+  std::vector<int> fds_;
+};
+
+TEST_P(DirNonces, CreatedNonceReadsBackAndIsStoredAsTheVolumeSays) {
+  int a = open_dir("a"), b = open_dir("b");
+  ASSERT_TRUE(create_dir_nonce(a, GetParam()).ok());
+  ASSERT_TRUE(create_dir_nonce(b, GetParam()).ok());
+  auto na = read_dir_nonce(a), nb = read_dir_nonce(b);
+  ASSERT_TRUE(na.ok() && nb.ok());
+  EXPECT_NE(*na, *nb);  // random per directory
+  struct stat st;
+  ASSERT_EQ(fstatat(a, kDirNonceName, &st, AT_SYMLINK_NOFOLLOW), 0);
+  if (GetParam() == NonceStore::kLink) {
+    ASSERT_TRUE(S_ISLNK(st.st_mode));
+    char target[64];
+    ssize_t n = readlinkat(a, kDirNonceName, target, sizeof target);
+    ASSERT_EQ(n, 22);  // base64url of 16 bytes, no padding
+    Bytes raw;
+    ASSERT_TRUE(base64url_decode(std::string_view(target, 22), &raw));
+    EXPECT_TRUE(std::equal(raw.begin(), raw.end(), na->begin(), na->end()));
+  } else {
+    ASSERT_TRUE(S_ISREG(st.st_mode));
+    EXPECT_EQ(st.st_size, 16);
+  }
+  // A second nonce never replaces the first.
+  EXPECT_FALSE(create_dir_nonce(a, GetParam()).ok());
+  auto again = read_dir_nonce(a);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, *na);
+  auto only = holds_only_nonce(a);
+  ASSERT_TRUE(only.ok());
+  EXPECT_TRUE(*only);
+}
+
+TEST_P(DirNonces, RestoredNonceIsTheOneTakenOut) {
+  int a = open_dir("a");
+  ASSERT_TRUE(create_dir_nonce(a, GetParam()).ok());
+  auto n = read_dir_nonce(a);
+  ASSERT_TRUE(n.ok());
+  ASSERT_EQ(unlinkat(a, kDirNonceName, 0), 0);
+  EXPECT_EQ(read_dir_nonce(a).status().code(), Code::kCorrupt);
+  restore_dir_nonce(a, *n, GetParam());
+  auto back = read_dir_nonce(a);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(*back, *n);
+}
+
+INSTANTIATE_TEST_SUITE_P(BothStores, DirNonces, ::testing::Values(NonceStore::kLink, NonceStore::kFile),
+                         [](const auto& p) { return p.param == NonceStore::kLink ? "Link" : "File"; });
+
+TEST(DirNonces, DamagedOrMissingNonceFailsClosed) {
+  TempDir dir;
+  std::filesystem::create_directory(dir.sub("d"));
+  int fd = ::open(dir.sub("d").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);                 // missing
+  ASSERT_EQ(symlinkat("AAAA", fd, kDirNonceName), 0);                            // 3 bytes
+  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
+  ASSERT_EQ(unlinkat(fd, kDirNonceName, 0), 0);
+  ASSERT_EQ(symlinkat("not/base64url/at/all!!", fd, kDirNonceName), 0);          // 22, bad
+  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
+  ASSERT_EQ(unlinkat(fd, kDirNonceName, 0), 0);
+  int f = openat(fd, kDirNonceName, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);        // short file
+  ASSERT_GE(f, 0);
+  ASSERT_EQ(write(f, "short", 5), 5);
+  ::close(f);
+  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
+  ::close(fd);
 }
 
 }  // namespace

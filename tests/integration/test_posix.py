@@ -186,6 +186,21 @@ class EmptyDirectories(VolumeTest):
         self.assertEqual(read_file(self.vol.path("dst", "inner", "f")), b"payload")
         self.assertEqual(read_file(self.vol.path("empty", "still-usable")), b"y")
 
+    def test_directory_nonce_is_a_link_in_the_directory(self):
+        # fs/FORMAT.md, "Names": a symlink holding base64url(16 bytes), no file to fsync.
+        os.mkdir(self.vol.path("d"))
+        self.vol.unmount()
+        for where in (self.vol.cipher, self._backing_dir("d")):
+            nonce = os.path.join(where, "envelopefs.dirnonce")
+            self.assertTrue(os.path.islink(nonce), where)
+            self.assertRegex(os.readlink(nonce), r"^[A-Za-z0-9_-]{22}$")
+        self.assertNotEqual(os.readlink(os.path.join(self.vol.cipher, "envelopefs.dirnonce")),
+                            os.readlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce")))
+        self.vol.mount()
+        self.assertEqual(os.listdir(self.vol.path("d")), [])
+        os.rmdir(self.vol.path("d"))
+        self.assertEqual(os.listdir(self.vol.mnt), [])
+
     def test_empty_directory_that_lost_its_nonce_is_healed(self):
         # What a crash between "nonce out" and the rmdir/rename leaves behind.
         os.mkdir(self.vol.path("d"))

@@ -111,6 +111,15 @@ class PowerLoss(unittest.TestCase):
         if os.path.exists(p("a", "unsynced.txt")):
             self.assertIn(read_file(p("a", "unsynced.txt")), (b"", b"maybe"))
         self.fsck_clean()
+        if os.path.exists(p("c")):
+            # Its entry outlived the cut (the root was fsynced for "late"), its nonce did not:
+            # an empty directory, usable as one (a fresh nonce at first use).
+            self.assertEqual(os.listdir(p("c")), [])
+            self.fsync_write(p("c", "after"), b"after the cut")
+            self.vol.unmount()
+            self.vol.mount()
+            self.assertEqual(read_file(p("c", "after")), b"after the cut")
+            self.fsck_clean()
 
     def test_repeated_cuts_with_overwrites(self):
         self.vol.mount()
