@@ -426,7 +426,11 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   // 0. Growth: claim the space first, so running out of it changes nothing.
   if (new_size > old_size) {
     const uint64_t to = layout_.backing_size(new_size);
-    if (to > reserved_end_) {
+    // The first write of an empty file, below one step, reserves nothing: there is no old content
+    // for a failure to spoil, and the failure path below truncates back to the bare header. A
+    // fallocate per file was 8% of the daemon's syscall time in a copy of small files.
+    const bool first_small_write = old_size == 0 && to <= kReserveStep;
+    if (to > reserved_end_ && !first_small_write) {
       const uint64_t from = std::max(reserved_end_, layout_.backing_size(old_size));
       // Small files reserve exactly what they need (most files never reach a step, and then
       // nothing is left to trim at close); a file past one step reserves a step ahead.

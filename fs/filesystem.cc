@@ -102,8 +102,12 @@ Result<int> Filesystem::open_dir_fd(Inode& dir) {
   return fd;
 }
 
-Status Filesystem::stat_inode(Inode& inode, struct stat* out) {
-  if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+Status Filesystem::stat_inode(Inode& inode, struct stat* out, const struct stat* fresh) {
+  if (fresh != nullptr) {
+    *out = *fresh;
+  } else if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
+    return errno_status("stat");
+  }
   if (S_ISREG(out->st_mode)) {
     std::shared_ptr<OpenFile> open = opened(inode);
     uint64_t backing = static_cast<uint64_t>(out->st_size);
@@ -133,13 +137,16 @@ Status Filesystem::make_entry(uint64_t parent, int dir_fd, const std::string& ba
     inode->entry_unsynced = true;
   }
   out->ino = inode->id;
-  Status s = stat_inode(*inode, &out->attr);
+  Status s = stat_inode(*inode, &out->attr, &st);
   if (!s.ok()) inodes_.forget(inode->id, 1);
   return s;
 }
 
 Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_t mode) {
   if (!as_root_) return Status::Ok();
+  // Made by root for root (as is every node a root cp makes): group 0, or the set-group-ID
+  // directory's, which the backing filesystem gave it already. Nothing to change or stat.
+  if (who.uid == 0 && who.gid == 0) return Status::Ok();
   // In a set-group-ID directory the new node keeps the directory's group, which the backing
   // filesystem already gave it (System V semantics, as ext4 and every local fs).
   struct stat dir;

@@ -95,7 +95,9 @@ class Filesystem {
   Result<DirNonce> nonce_of(Inode& dir);
   // Opens the backing directory for *at() calls that need a real (not O_PATH) descriptor.
   Result<int> open_dir_fd(Inode& dir);
-  Status stat_inode(Inode& inode, struct stat* out);
+  // The attributes the mount shows for `inode`; `fresh` is a stat of its backing node taken
+  // just now, if the caller has one (saves a second fstat).
+  Status stat_inode(Inode& inode, struct stat* out, const struct stat* fresh = nullptr);
   Status make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
                     bool fresh);
   // Gives a node the daemon created to the caller; `mode` is the one it was created with.

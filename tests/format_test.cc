@@ -378,6 +378,31 @@ TEST(CipherFile, NoSpaceLeavesOldContentAndSize) {
 
 // Space reserved ahead of a growing file is returned at close: a file must not keep a MiB of
 // disk past its end (each small file of a copied tree did, before).
+TEST(CipherFile, NoSpaceOnTheFirstWriteLeavesAnEmptyFile) {
+  // The first write of an empty file reserves nothing ahead (cipher_file.cc): a device that
+  // fills up half way through it must still leave an empty, valid file.
+  Fixture fx;
+  test::FaultBackend faulty(*fx.io);
+  std::mt19937_64 rng(5);
+  auto f = fx.create("f", &faulty);
+  faulty.set(test::FaultBackend::Mode::kFailData, ENOSPC);
+  Status st = f->write(0, random_bytes(rng, 7 * 4096 + 123));
+  EXPECT_EQ(st.code(), Code::kNoSpace);
+  faulty.set(test::FaultBackend::Mode::kPass);
+  EXPECT_EQ(f->size(), 0u);
+  EXPECT_TRUE(read_all(*f).empty());
+  f.reset();
+  struct stat bst;
+  ASSERT_EQ(stat(fx.dir.sub("f").c_str(), &bst), 0);
+  EXPECT_EQ(bst.st_size, 4096);  // the header alone
+  auto g = fx.reopen("f");
+  ASSERT_TRUE(g.ok()) << g.status().to_string();
+  EXPECT_EQ((*g)->size(), 0u);
+  Bytes data = random_bytes(rng, 3 * 4096 + 9);
+  ASSERT_TRUE((*g)->write(0, data).ok());
+  EXPECT_EQ(read_all(**g), data);
+}
+
 TEST(CipherFile, ReservedSpaceIsGivenBackAtClose) {
   Fixture fx;
   std::mt19937_64 rng(8);
