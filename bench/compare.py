@@ -106,10 +106,11 @@ class Passthrough(Fs):
 
 
 class Envelopefs(Fs):
-    def __init__(self, name, work, binary, extra=()):
+    def __init__(self, name, work, binary, extra=(), seq_only=False):
         super().__init__(name, work)
         self.bin = binary
         self.extra = list(extra)
+        self.seq_only = seq_only
         key = os.path.join(self.work, "root.key")
         if not os.path.exists(os.path.join(self.cipher, "envelopefs.conf")):
             sh([self.bin, "init", "--kms", "file:" + key, self.cipher])
@@ -154,7 +155,7 @@ def fio(mnt, name, size, runtime, **opts):
     return job
 
 
-def run_fio_suite(fs, size, runtime):
+def run_fio_suite(fs, size, runtime, seq_only=False):
     res = {}
     mnt = fs.mnt
     drop_caches()
@@ -165,6 +166,10 @@ def run_fio_suite(fs, size, runtime):
     j = fio(mnt, "seqwrite", size, 0, rw="read", bs="1M", ioengine="psync")
     res["seq read MiB/s"] = j["read"]["bw"] / 1024
     res["page cache growth on read MiB"] = (meminfo("Cached") - cached0) / 1048576
+    if seq_only:
+        for f in glob.glob(os.path.join(mnt, "seqwrite*")):
+            os.unlink(f)
+        return res
     drop_caches()
     j = fio(mnt, "seqwrite", size, runtime, rw="randread", bs="4k", ioengine="psync", time_based=1)
     res["4k rand read IOPS"] = j["read"]["iops"]
@@ -253,7 +258,7 @@ def main():
     ap.add_argument("--pgbench-seconds", type=int, default=30)
     ap.add_argument("--work", default="/var/tmp/envelopefs-bench")
     ap.add_argument("--binary", default=os.path.join(ROOT, "build/envelopefs"))
-    ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,gocryptfs,securefs")
+    ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,envelopefs-direct,gocryptfs,securefs")
     ap.add_argument("--tree", default="/usr/include", help="directory tree for the cp -r phase")
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--no-tree", action="store_true")
@@ -277,7 +282,11 @@ def main():
     candidates = [("ext4", lambda: Ext4("ext4", a.work)),
                   ("passthrough", lambda: Passthrough("passthrough", a.work, False)),
                   ("passthrough-wb", lambda: Passthrough("passthrough-wb", a.work, True)),
-                  ("envelopefs", lambda: Envelopefs("envelopefs", a.work, a.binary))]
+                  ("envelopefs", lambda: Envelopefs("envelopefs", a.work, a.binary)),
+                  # The O_DIRECT backing option, for what it changes: the sequential phases and
+                  # the page cache a read leaves (plaintext only, not ciphertext as well).
+                  ("envelopefs-direct", lambda: Envelopefs("envelopefs-direct", a.work, a.binary,
+                                                           ["--direct-backing"], seq_only=True))]
     for peer, cls in (("gocryptfs", Gocryptfs), ("securefs", Securefs)):
         if shutil.which(peer):
             candidates.append((peer, lambda p=peer, c=cls: c(p, a.work)))
@@ -295,10 +304,11 @@ def main():
             print(f"== {name} (round {round_no + 1}/{a.repeat})", file=sys.stderr)
             fs.mount()
             try:
-                r = run_fio_suite(fs, a.size, a.runtime)
-                if not a.no_tree:
+                seq_only = getattr(fs, "seq_only", False)
+                r = run_fio_suite(fs, a.size, a.runtime, seq_only)
+                if not a.no_tree and not seq_only:
                     r.update(run_tree(fs, a.tree))
-                if not a.no_pgbench:
+                if not a.no_pgbench and not seq_only:
                     r.update(run_pgbench(fs, a.pgbench_seconds))
                 rss = peak_rss(fs.daemon_pid())
                 r["daemon peak RSS MiB"] = rss / 1048576 if rss else None

@@ -1,5 +1,6 @@
 #include "fs/cipher_file.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -70,9 +71,16 @@ Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys,
   return f;
 }
 
-Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, IoBackend& io) {
+Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, IoBackend& io,
+                                                     uint64_t prefetch) {
   struct stat st;
   if (fstat(fd, &st) != 0) return Status::Io(errno, "stat of backing file");
+  if (prefetch != 0 && st.st_size > static_cast<off_t>(kMetaPageSize)) {
+    // The header read below would be one disk request and the reader's first READ another;
+    // started here, the readahead brings both in one (a small file is all of it). Advice only.
+    (void)posix_fadvise(fd, 0, static_cast<off_t>(std::min<uint64_t>(prefetch, static_cast<uint64_t>(st.st_size))),
+                        POSIX_FADV_WILLNEED);
+  }
   // An empty backing file is one whose creation was cut short before the header landed:
   // it is an empty file. Anything else shorter than the header was cut by someone else.
   if (st.st_size == 0) return create(fd, keys, io);

@@ -23,8 +23,11 @@ class CipherFile {
  public:
   // Writes the header page into a new, empty backing file.
   static Result<std::unique_ptr<CipherFile>> create(int fd, VolumeKeys& keys, IoBackend& io);
-  // Reads and authenticates the header page. The fd stays owned by the caller.
-  static Result<std::unique_ptr<CipherFile>> open(int fd, VolumeKeys& keys, IoBackend& io);
+  // Reads and authenticates the header page. The fd stays owned by the caller. With
+  // `prefetch`, the first `prefetch` bytes of the backing file are read ahead in the same disk
+  // request as the header (for an opener that is going to read).
+  static Result<std::unique_ptr<CipherFile>> open(int fd, VolumeKeys& keys, IoBackend& io,
+                                                  uint64_t prefetch = 0);
 
   const FileId& id() const { return id_; }
   // A second descriptor of the same backing file opened O_DIRECT: requests whose buffer,

@@ -68,7 +68,8 @@ class Filesystem {
                 unsigned flags);
   // Creates and opens: the new file comes back open (release() closes it).
   Status create(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out);
-  Status open(uint64_t ino);
+  // `flags` are the open(2) flags: an opener that will read gets the file's start read ahead.
+  Status open(uint64_t ino, int flags);
   void release(uint64_t ino);
   Result<size_t> read(uint64_t ino, uint64_t off, MutByteView out);
   Status write(uint64_t ino, uint64_t off, ByteView data);
@@ -106,7 +107,7 @@ class Filesystem {
   // returns what it holds, so the record can be dropped once the entry is gone.
   std::string symlink_record_of(int dir_fd, const std::string& entry);
   Status rename_over_empty_dir(int from_dir, const std::string& from, int to_dir, const std::string& to);
-  Result<std::shared_ptr<OpenFile>> open_file(Inode& inode);
+  Result<std::shared_ptr<OpenFile>> open_file(Inode& inode, bool will_read = false);
   // The inode's open file if it has open handles, else nullptr; takes no reference.
   static std::shared_ptr<OpenFile> opened(Inode& inode);
   Status make_node(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who,

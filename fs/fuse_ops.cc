@@ -193,7 +193,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   guard(req, [&] {
     Status s = request_kills_suidgid() ? fs_of(req).kill_suidgid(ino) : Status::Ok();
-    if (s.ok()) s = fs_of(req).open(ino);
+    if (s.ok()) s = fs_of(req).open(ino, fi->flags);
     if (!s.ok()) return reply_status(req, s, "open", ino);
     set_open_flags(fi);
     if (fuse_reply_open(req, fi) != 0) fs_of(req).release(ino);
