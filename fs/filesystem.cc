@@ -42,7 +42,7 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       inodes_(root_fd),
       layout_(keys_->block_size()),
       as_root_(geteuid() == 0),
-      nonce_store_(config_.has_feature(kFeatureNonceLinks) ? NonceStore::kLink : NonceStore::kFile),
+      nonce_store_(config_.has_feature(kFeatureNonceNames) ? NonceStore::kName : NonceStore::kFile),
       root_fd_(root_fd) {}
 
 Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
@@ -81,10 +81,15 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
     auto e = holds_only_nonce(dir.fd);
     return e.ok() && *e;
   };
-  if (!n.ok() && n.status().code() == Code::kCorrupt && is_empty()) {
+  if (!n.ok() && n.status().code() == Code::kNotFound && !is_empty()) {
+    // Entries named under a nonce that is gone: damage, not "no such file".
+    return Status(Code::kCorrupt, "directory nonce is missing and the directory holds entries");
+  }
+  if (!n.ok() && n.status().code() == Code::kNotFound) {
     // An empty directory whose nonce is gone: a crash between removing the nonce and removing
-    // (or replacing) the directory leaves one. Nothing in it is named under the old nonce, so
-    // a fresh one loses nothing (fs/FORMAT.md, "Names").
+    // (or replacing) the directory leaves one, and so does a power cut that kept a new
+    // directory's entry in its parent but not the directory's own first entry. Nothing in it
+    // is named under the old nonce, so a fresh one loses nothing (fs/FORMAT.md, "Names").
     auto dfd = open_dir_fd(dir);
     if (!dfd.ok()) return dfd.status();
     FdGuard g{*dfd};
@@ -304,7 +309,7 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   if (st.ok() && fchmod(fd, mode & 07777) != 0) st = errno_status("chmod");
   if (st.ok()) st = own(pfd, bn->entry, who, S_IFDIR | mode);
   if (!st.ok()) {
-    unlinkat(fd, kDirNonceName, 0);
+    if (auto n = read_dir_nonce(fd); n.ok()) (void)remove_dir_nonce(fd, *n);
     unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR);
     return st;
   }
@@ -362,7 +367,7 @@ Status with_nonce_out(int dir_fd, NonceStore store, const char* what, Op op) {
   if (!empty.ok()) return empty.status();
   if (!*empty) return Status::Io(ENOTEMPTY, what);
   auto saved = read_dir_nonce(dir_fd);
-  if (unlinkat(dir_fd, kDirNonceName, 0) != 0 && errno != ENOENT) return errno_status(what);
+  if (saved.ok()) ENVELOPEFS_RETURN_IF_ERROR(remove_dir_nonce(dir_fd, *saved));
   if (op() != 0) {
     int err = errno;
     if (saved.ok()) restore_dir_nonce(dir_fd, *saved, store);  // the directory stays as it was

@@ -46,8 +46,46 @@ Status create_durable_file(int dir_fd, const char* name, ByteView data) {
 
 Status write_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store) {
   if (store == NonceStore::kFile) return create_durable_file(dir_fd, kDirNonceName, nonce);
-  if (symlinkat(base64url_encode(nonce).c_str(), dir_fd, kDirNonceName) != 0) return Status::Io(errno, "create");
+  const std::string name = dir_nonce_entry(nonce);
+  int fd = openat(dir_fd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0400);
+  if (fd < 0) return Status::Io(errno, "create");
+  close(fd);
   return Status::Ok();
+}
+
+bool is_nonce_entry(std::string_view n) {
+  return n == kDirNonceName || n.rfind(kDirNoncePrefix, 0) == 0;
+}
+
+// The nonce named by an entry "envelopefs.dirnonce.<base64url>", the only one in directory
+// `dir_fd`. kNotFound if there is none.
+Result<DirNonce> find_named_nonce(int dir_fd) {
+  int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::Io(errno, "open directory");
+  DIR* d = fdopendir(fd);
+  if (d == nullptr) {
+    close(fd);
+    return Status::Io(errno, "read directory");
+  }
+  std::string found;
+  int count = 0;
+  while (dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n.rfind(kDirNoncePrefix, 0) == 0) {
+      found = n.substr(sizeof(kDirNoncePrefix) - 1);
+      ++count;
+    }
+  }
+  closedir(d);
+  if (count == 0) return Status(Code::kNotFound, "directory nonce is missing");
+  if (count > 1) return Status(Code::kCorrupt, "directory has more than one nonce");
+  Bytes raw;
+  DirNonce nonce;
+  if (!base64url_decode(found, &raw) || raw.size() != nonce.size()) {
+    return Status(Code::kCorrupt, "directory nonce is damaged");
+  }
+  std::copy(raw.begin(), raw.end(), nonce.begin());
+  return nonce;
 }
 
 }  // namespace
@@ -59,26 +97,16 @@ Status create_dir_nonce(int dir_fd, NonceStore store) {
   return st.ok() ? st : st.prefix("directory nonce");
 }
 
+std::string dir_nonce_entry(const DirNonce& nonce) { return kDirNoncePrefix + base64url_encode(nonce); }
+
 Result<DirNonce> read_dir_nonce(int dir_fd) {
-  DirNonce nonce;
-  char target[64];
-  ssize_t len = readlinkat(dir_fd, kDirNonceName, target, sizeof target);
-  if (len >= 0) {
-    Bytes raw;
-    if (!base64url_decode(std::string_view(target, static_cast<size_t>(len)), &raw) || raw.size() != nonce.size()) {
-      return Status(Code::kCorrupt, "directory nonce is damaged");
-    }
-    std::copy(raw.begin(), raw.end(), nonce.begin());
-    return nonce;
-  }
-  if (errno == ENOENT) return Status(Code::kCorrupt, "directory nonce is missing");
-  if (errno != EINVAL) return Status::Io(errno, "read directory nonce");
-  // EINVAL: not a symlink, so a nonce file (a volume without "nonce-links").
+  // The file form is one open away; the name form needs a pass over the directory.
   int fd = openat(dir_fd, kDirNonceName, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) {
-    if (errno == ENOENT) return Status(Code::kCorrupt, "directory nonce is missing");
+    if (errno == ENOENT) return find_named_nonce(dir_fd);
     return Status::Io(errno, "open directory nonce");
   }
+  DirNonce nonce;
   ssize_t n = read(fd, nonce.data(), nonce.size());
   close(fd);
   if (n != static_cast<ssize_t>(nonce.size())) return Status(Code::kCorrupt, "directory nonce is damaged");
@@ -87,6 +115,13 @@ Result<DirNonce> read_dir_nonce(int dir_fd) {
 
 void restore_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store) {
   (void)write_dir_nonce(dir_fd, nonce, store);
+}
+
+Status remove_dir_nonce(int dir_fd, const DirNonce& nonce) {
+  for (const std::string& name : {std::string(kDirNonceName), dir_nonce_entry(nonce)}) {
+    if (unlinkat(dir_fd, name.c_str(), 0) != 0 && errno != ENOENT) return Status::Io(errno, "remove directory nonce");
+  }
+  return Status::Ok();
 }
 
 Result<bool> holds_only_nonce(int dir_fd) {
@@ -100,7 +135,7 @@ Result<bool> holds_only_nonce(int dir_fd) {
   bool only = true;
   while (dirent* e = ::readdir(d)) {
     std::string_view n = e->d_name;
-    if (n != "." && n != ".." && n != kDirNonceName) only = false;
+    if (n != "." && n != ".." && !is_nonce_entry(n)) only = false;
   }
   closedir(d);
   return only;

@@ -1,6 +1,7 @@
 // Names, symlink targets and xattrs in the cipher dir (fs/FORMAT.md, "Names").
 //
-// Each backing directory holds `envelopefs.dirnonce` (16 random bytes). A plaintext name is
+// Each backing directory holds a nonce of 16 random bytes (`envelopefs.dirnonce.<base64url>`,
+// an empty file, or in older volumes `envelopefs.dirnonce` holding them). A plaintext name is
 // stored as base64url(AES-256-SIV(name key, AD = that nonce, name)). An encoded name longer than
 // 255 bytes is stored as `envelopefs.long.<base64url(SHA-256(encoded))>` with the full encoded
 // name in a side file `<that>.name`. Every reserved name contains a '.', which base64url never
@@ -16,7 +17,8 @@
 
 namespace envelopefs {
 
-inline constexpr char kDirNonceName[] = "envelopefs.dirnonce";
+inline constexpr char kDirNonceName[] = "envelopefs.dirnonce";      // the file form
+inline constexpr char kDirNoncePrefix[] = "envelopefs.dirnonce.";   // the name form
 inline constexpr char kLongNamePrefix[] = "envelopefs.long.";
 inline constexpr char kLongNameSuffix[] = ".name";
 inline constexpr size_t kDirNonceSize = 16;
@@ -27,21 +29,29 @@ using DirNonce = std::array<uint8_t, kDirNonceSize>;
 
 // Where a directory keeps its nonce, by volume (fs/FORMAT.md, "Names").
 enum class NonceStore {
-  // A regular file holding the 16 bytes; made durable at creation by a file fsync and a
-  // directory fsync (two disk flushes per mkdir). Volumes without the "nonce-links" feature.
+  // `envelopefs.dirnonce`, a regular file holding the 16 bytes; made durable at creation by a
+  // file fsync and a directory fsync (two disk flushes per mkdir). Volumes without the
+  // "nonce-names" feature.
   kFile,
-  // A symlink whose target is base64url(nonce): one metadata operation in the very directory
-  // it serves, so whatever makes that directory's entries durable (its fsync, a journal commit)
-  // makes the nonce durable with them, and it survives copies that drop xattrs (rsync -a, tar).
-  kLink,
+  // `envelopefs.dirnonce.<base64url(nonce)>`, an empty file: the nonce is in the entry's name,
+  // so creating it is one metadata operation in the very directory it serves, and whatever
+  // makes that directory's entries durable (its fsync, a journal commit) makes the nonce
+  // durable with them. A plain empty file is copied by every backup and sync tool (unlike an
+  // xattr, dropped by rsync -a and tar, or a symlink, skipped by rsync -r).
+  kName,
 };
 
 // Creates the nonce in the (new, empty) backing directory `dir_fd`.
 Status create_dir_nonce(int dir_fd, NonceStore store);
-// Reads the nonce of backing directory `dir_fd`, whichever way it is stored.
+// Reads the nonce of backing directory `dir_fd`, whichever way it is stored: kNotFound if it
+// has none, kCorrupt if it is damaged or there is more than one.
 Result<DirNonce> read_dir_nonce(int dir_fd);
 // Puts a nonce read earlier back after an operation that removed it failed.
 void restore_dir_nonce(int dir_fd, const DirNonce& nonce, NonceStore store);
+// Removes the nonce `nonce` of `dir_fd` in either form.
+Status remove_dir_nonce(int dir_fd, const DirNonce& nonce);
+// The name-form entry for `nonce`.
+std::string dir_nonce_entry(const DirNonce& nonce);
 // True when backing directory `dir_fd` holds nothing but (at most) its nonce: empty on the mount.
 Result<bool> holds_only_nonce(int dir_fd);
 

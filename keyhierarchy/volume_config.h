@@ -21,10 +21,10 @@ inline constexpr uint32_t kFormatVersion = 1;
 // Optional format features a volume may use (keyhierarchy/KEYS.md, fs/FORMAT.md). A build
 // refuses a volume that names a feature it does not know, so an older build fails with a clear
 // message instead of misreading a newer volume.
-//   nonce-links: directory nonces are symlinks (fs/FORMAT.md, "Names"); volumes made since
-//                0.1.0's second format revision have it.
-inline constexpr char kFeatureNonceLinks[] = "nonce-links";
-inline constexpr const char* kKnownFeatures[] = {kFeatureNonceLinks};
+//   nonce-names: a directory's nonce is the name of an empty file in it (fs/FORMAT.md, "Names");
+//                every volume init makes has it since 2026-11-23.
+inline constexpr char kFeatureNonceNames[] = "nonce-names";
+inline constexpr const char* kKnownFeatures[] = {kFeatureNonceNames};
 
 using VolumeId = std::array<uint8_t, 16>;
 

@@ -87,7 +87,7 @@ Result<OpenedVolume> create_volume(const std::string& cipher_dir, const CreateOp
   c.block_size = options.block_size;
   c.root_uri = (*provider)->uri();
   c.root_params = (*provider)->params();
-  c.features = {kFeatureNonceLinks};
+  c.features = {kFeatureNonceNames};
   auto dek = SecretBytes::random(32);
   auto name_key = SecretBytes::random(kSivKeySize);
   if (!dek.ok()) return dek.status();

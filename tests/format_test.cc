@@ -1,10 +1,12 @@
 // fs/ block format without a mount: round trips, tampering, holes, the two-slot rule.
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -529,6 +531,17 @@ class DirNonces : public ::testing::TestWithParam<NonceStore> {
   std::vector<int> fds_;
 };
 
+// The names in backing directory `fd` other than "." and "..".
+std::vector<std::string> entries_of(int fd) {
+  std::vector<std::string> out;
+  DIR* d = fdopendir(openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  while (dirent* e = d ? ::readdir(d) : nullptr) {
+    if (std::string_view(e->d_name) != "." && std::string_view(e->d_name) != "..") out.push_back(e->d_name);
+  }
+  if (d) closedir(d);
+  return out;
+}
+
 TEST_P(DirNonces, CreatedNonceReadsBackAndIsStoredAsTheVolumeSays) {
   int a = open_dir("a"), b = open_dir("b");
   ASSERT_TRUE(create_dir_nonce(a, GetParam()).ok());
@@ -536,62 +549,74 @@ TEST_P(DirNonces, CreatedNonceReadsBackAndIsStoredAsTheVolumeSays) {
   auto na = read_dir_nonce(a), nb = read_dir_nonce(b);
   ASSERT_TRUE(na.ok() && nb.ok());
   EXPECT_NE(*na, *nb);  // random per directory
+  auto names = entries_of(a);
+  ASSERT_EQ(names.size(), 1u);
   struct stat st;
-  ASSERT_EQ(fstatat(a, kDirNonceName, &st, AT_SYMLINK_NOFOLLOW), 0);
-  if (GetParam() == NonceStore::kLink) {
-    ASSERT_TRUE(S_ISLNK(st.st_mode));
-    char target[64];
-    ssize_t n = readlinkat(a, kDirNonceName, target, sizeof target);
-    ASSERT_EQ(n, 22);  // base64url of 16 bytes, no padding
-    Bytes raw;
-    ASSERT_TRUE(base64url_decode(std::string_view(target, 22), &raw));
-    EXPECT_TRUE(std::equal(raw.begin(), raw.end(), na->begin(), na->end()));
+  ASSERT_EQ(fstatat(a, names[0].c_str(), &st, AT_SYMLINK_NOFOLLOW), 0);
+  ASSERT_TRUE(S_ISREG(st.st_mode));
+  if (GetParam() == NonceStore::kName) {
+    // "envelopefs.dirnonce." + base64url of 16 bytes (22 characters), an empty file.
+    EXPECT_EQ(names[0], dir_nonce_entry(*na));
+    EXPECT_EQ(names[0].size(), sizeof(kDirNoncePrefix) - 1 + 22);
+    EXPECT_EQ(st.st_size, 0);
   } else {
-    ASSERT_TRUE(S_ISREG(st.st_mode));
+    EXPECT_EQ(names[0], kDirNonceName);
     EXPECT_EQ(st.st_size, 16);
   }
   // A second nonce never replaces the first.
-  EXPECT_FALSE(create_dir_nonce(a, GetParam()).ok());
   auto again = read_dir_nonce(a);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(*again, *na);
   auto only = holds_only_nonce(a);
   ASSERT_TRUE(only.ok());
   EXPECT_TRUE(*only);
+  ASSERT_GE(::close(openat(a, "x", O_WRONLY | O_CREAT | O_CLOEXEC, 0600)), 0);
+  only = holds_only_nonce(a);
+  ASSERT_TRUE(only.ok());
+  EXPECT_FALSE(*only);
 }
 
-TEST_P(DirNonces, RestoredNonceIsTheOneTakenOut) {
+TEST_P(DirNonces, RemovedAndRestoredNonceIsTheOneTakenOut) {
   int a = open_dir("a");
   ASSERT_TRUE(create_dir_nonce(a, GetParam()).ok());
   auto n = read_dir_nonce(a);
   ASSERT_TRUE(n.ok());
-  ASSERT_EQ(unlinkat(a, kDirNonceName, 0), 0);
-  EXPECT_EQ(read_dir_nonce(a).status().code(), Code::kCorrupt);
+  ASSERT_TRUE(remove_dir_nonce(a, *n).ok());
+  EXPECT_TRUE(entries_of(a).empty());
+  EXPECT_EQ(read_dir_nonce(a).status().code(), Code::kNotFound);
   restore_dir_nonce(a, *n, GetParam());
   auto back = read_dir_nonce(a);
   ASSERT_TRUE(back.ok());
   EXPECT_EQ(*back, *n);
 }
 
-INSTANTIATE_TEST_SUITE_P(BothStores, DirNonces, ::testing::Values(NonceStore::kLink, NonceStore::kFile),
-                         [](const auto& p) { return p.param == NonceStore::kLink ? "Link" : "File"; });
+INSTANTIATE_TEST_SUITE_P(BothStores, DirNonces, ::testing::Values(NonceStore::kName, NonceStore::kFile),
+                         [](const auto& p) { return p.param == NonceStore::kName ? "Name" : "File"; });
 
-TEST(DirNonces, DamagedOrMissingNonceFailsClosed) {
+TEST(DirNonces, DamagedOrAmbiguousNonceFailsClosed) {
   TempDir dir;
   std::filesystem::create_directory(dir.sub("d"));
   int fd = ::open(dir.sub("d").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   ASSERT_GE(fd, 0);
-  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);                 // missing
-  ASSERT_EQ(symlinkat("AAAA", fd, kDirNonceName), 0);                            // 3 bytes
+  auto touch = [&](const std::string& name, const char* content) {
+    int f = openat(fd, name.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    ASSERT_GE(f, 0);
+    ASSERT_EQ(write(f, content, strlen(content)), static_cast<ssize_t>(strlen(content)));
+    ::close(f);
+  };
+  EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kNotFound);  // none at all
+  touch(std::string(kDirNoncePrefix) + "AAAA", "");                   // 3 bytes
   EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
-  ASSERT_EQ(unlinkat(fd, kDirNonceName, 0), 0);
-  ASSERT_EQ(symlinkat("not/base64url/at/all!!", fd, kDirNonceName), 0);          // 22, bad
+  ASSERT_EQ(unlinkat(fd, (std::string(kDirNoncePrefix) + "AAAA").c_str(), 0), 0);
+  DirNonce n1{}, n2{};
+  n2[0] = 1;
+  touch(dir_nonce_entry(n1), "");
+  ASSERT_TRUE(read_dir_nonce(fd).ok());
+  touch(dir_nonce_entry(n2), "");                                     // which one?
   EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
-  ASSERT_EQ(unlinkat(fd, kDirNonceName, 0), 0);
-  int f = openat(fd, kDirNonceName, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);        // short file
-  ASSERT_GE(f, 0);
-  ASSERT_EQ(write(f, "short", 5), 5);
-  ::close(f);
+  ASSERT_EQ(unlinkat(fd, dir_nonce_entry(n1).c_str(), 0), 0);
+  ASSERT_EQ(unlinkat(fd, dir_nonce_entry(n2).c_str(), 0), 0);
+  touch(kDirNonceName, "short");                                      // file form, 5 bytes
   EXPECT_EQ(read_dir_nonce(fd).status().code(), Code::kCorrupt);
   ::close(fd);
 }

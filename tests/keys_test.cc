@@ -155,7 +155,7 @@ TEST(VolumeConfig, UnknownVersionAndFeaturesAreUnsupported) {
   TempDir d;
   test::make_volume(d);
   auto j = nlohmann::json::parse(slurp(d.sub("cipher/envelopefs.conf")));
-  EXPECT_EQ(j["features"], nlohmann::json::array({"nonce-links"}));  // what init writes now
+  EXPECT_EQ(j["features"], nlohmann::json::array({"nonce-names"}));  // what init writes now
   auto no_feature = j;  // dropping a feature is an edit like any other: the MAC refuses it
   no_feature["features"] = nlohmann::json::array();
   spit(d.sub("cipher/envelopefs.conf"), no_feature.dump());
@@ -165,7 +165,7 @@ TEST(VolumeConfig, UnknownVersionAndFeaturesAreUnsupported) {
   spit(d.sub("cipher/envelopefs.conf"), v2.dump());
   EXPECT_EQ(open_volume(d.sub("cipher"), no_prompt()).status().code(), Code::kUnsupported);
   auto f = j;
-  f["features"] = {"nonce-links", "time-travel"};  // one unknown feature is enough to refuse
+  f["features"] = {"nonce-names", "time-travel"};  // one unknown feature is enough to refuse
   spit(d.sub("cipher/envelopefs.conf"), f.dump());
   EXPECT_EQ(open_volume(d.sub("cipher"), no_prompt()).status().code(), Code::kUnsupported);
   auto bs = j;

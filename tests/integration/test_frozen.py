@@ -37,7 +37,7 @@ class FrozenV1(unittest.TestCase):
         self.assertEqual(read_file(p("dir", "hardlink")), read_file(p("small.txt")))
 
     def test_new_directories_keep_nonce_files(self):
-        # A volume without the "nonce-links" feature goes on making nonce files, so the build
+        # A volume without the "nonce-names" feature goes on making nonce files, so the build
         # that made it can still read everything written since (fs/FORMAT.md, "Names").
         self.vol.mount()
         os.makedirs(self.vol.path("new", "sub"))
@@ -48,6 +48,8 @@ class FrozenV1(unittest.TestCase):
         nonces = [os.path.join(d, "envelopefs.dirnonce") for d, _, files in os.walk(self.vol.cipher)
                   if "envelopefs.dirnonce" in files]
         self.assertEqual(len(nonces), 5)  # root, dir, dir/sub, new, new/sub
+        named = [f for _, _, files in os.walk(self.vol.cipher) for f in files if f.startswith("envelopefs.dirnonce.")]
+        self.assertEqual(named, [])
         for n in nonces:
             self.assertFalse(os.path.islink(n), n)
             self.assertEqual(os.path.getsize(n), 16, n)

@@ -6,6 +6,7 @@ import mmap
 import multiprocessing
 import os
 import stat
+import subprocess
 
 from common import (BIN, Volume, VolumeTest, fallocate, main, rand_bytes, read_file, renameat2,
                     run, write_file)
@@ -186,26 +187,46 @@ class EmptyDirectories(VolumeTest):
         self.assertEqual(read_file(self.vol.path("dst", "inner", "f")), b"payload")
         self.assertEqual(read_file(self.vol.path("empty", "still-usable")), b"y")
 
-    def test_directory_nonce_is_a_link_in_the_directory(self):
-        # fs/FORMAT.md, "Names": a symlink holding base64url(16 bytes), no file to fsync.
+    def _nonce_entries(self, where):
+        return [n for n in os.listdir(where) if n.startswith("envelopefs.dirnonce")]
+
+    def test_directory_nonce_is_the_name_of_an_empty_file(self):
+        # fs/FORMAT.md, "Names": envelopefs.dirnonce.<base64url(16 bytes)>, no content to fsync.
         os.mkdir(self.vol.path("d"))
         self.vol.unmount()
+        seen = []
         for where in (self.vol.cipher, self._backing_dir("d")):
-            nonce = os.path.join(where, "envelopefs.dirnonce")
-            self.assertTrue(os.path.islink(nonce), where)
-            self.assertRegex(os.readlink(nonce), r"^[A-Za-z0-9_-]{22}$")
-        self.assertNotEqual(os.readlink(os.path.join(self.vol.cipher, "envelopefs.dirnonce")),
-                            os.readlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce")))
+            names = self._nonce_entries(where)
+            self.assertEqual(len(names), 1, where)
+            self.assertRegex(names[0], r"^envelopefs\.dirnonce\.[A-Za-z0-9_-]{22}$")
+            st = os.lstat(os.path.join(where, names[0]))
+            self.assertTrue(stat.S_ISREG(st.st_mode))
+            self.assertEqual(st.st_size, 0)
+            seen.append(names[0])
+        self.assertNotEqual(seen[0], seen[1])
         self.vol.mount()
         self.assertEqual(os.listdir(self.vol.path("d")), [])
         os.rmdir(self.vol.path("d"))
         self.assertEqual(os.listdir(self.vol.mnt), [])
 
+    def test_copy_of_the_cipher_dir_without_attributes_still_reads(self):
+        # What a backup with cp -r or rsync -r (no -a, no xattrs, no links) keeps is enough.
+        os.makedirs(self.vol.path("a", "b"))
+        write_file(self.vol.path("a", "b", "f"), b"backed up")
+        self.vol.unmount()
+        copy = self.vol.cipher + ".copy"
+        subprocess.run(["cp", "-r", self.vol.cipher, copy], check=True)
+        os.rename(self.vol.cipher, self.vol.cipher + ".orig")
+        os.rename(copy, self.vol.cipher)
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("a", "b", "f")), b"backed up")
+
     def test_empty_directory_that_lost_its_nonce_is_healed(self):
         # What a crash between "nonce out" and the rmdir/rename leaves behind.
         os.mkdir(self.vol.path("d"))
         self.vol.unmount()
-        os.unlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce"))
+        for n in self._nonce_entries(self._backing_dir("d")):
+            os.unlink(os.path.join(self._backing_dir("d"), n))
         self.vol.mount()
         write_file(self.vol.path("d", "f"), b"z")
         self.vol.remount()
@@ -215,7 +236,8 @@ class EmptyDirectories(VolumeTest):
         os.mkdir(self.vol.path("d"))
         write_file(self.vol.path("d", "f"), b"z")
         self.vol.unmount()
-        os.unlink(os.path.join(self._backing_dir("d"), "envelopefs.dirnonce"))
+        for n in self._nonce_entries(self._backing_dir("d")):
+            os.unlink(os.path.join(self._backing_dir("d"), n))
         self.vol.mount()
         with self.assertRaises(OSError) as cm:
             os.listdir(self.vol.path("d"))
