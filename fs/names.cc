@@ -57,9 +57,9 @@ bool is_nonce_entry(std::string_view n) {
   return n == kDirNonceName || n.rfind(kDirNoncePrefix, 0) == 0;
 }
 
-// The nonce named by an entry "envelopefs.dirnonce.<base64url>", the only one in directory
-// `dir_fd`. kNotFound if there is none.
-Result<DirNonce> find_named_nonce(int dir_fd) {
+// Calls `fn(name)` for every entry of directory `dir_fd` (which may be an O_PATH descriptor).
+template <typename Fn>
+Status for_each_entry(int dir_fd, Fn fn) {
   int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return Status::Io(errno, "open directory");
   DIR* d = fdopendir(fd);
@@ -67,16 +67,22 @@ Result<DirNonce> find_named_nonce(int dir_fd) {
     close(fd);
     return Status::Io(errno, "read directory");
   }
+  while (dirent* e = ::readdir(d)) fn(std::string_view(e->d_name));
+  closedir(d);
+  return Status::Ok();
+}
+
+// The nonce named by an entry "envelopefs.dirnonce.<base64url>", the only one in directory
+// `dir_fd`. kNotFound if there is none.
+Result<DirNonce> find_named_nonce(int dir_fd) {
   std::string found;
   int count = 0;
-  while (dirent* e = ::readdir(d)) {
-    std::string_view n = e->d_name;
+  ENVELOPEFS_RETURN_IF_ERROR(for_each_entry(dir_fd, [&](std::string_view n) {
     if (n.rfind(kDirNoncePrefix, 0) == 0) {
       found = n.substr(sizeof(kDirNoncePrefix) - 1);
       ++count;
     }
-  }
-  closedir(d);
+  }));
   if (count == 0) return Status(Code::kNotFound, "directory nonce is missing");
   if (count > 1) return Status(Code::kCorrupt, "directory has more than one nonce");
   Bytes raw;
@@ -125,19 +131,10 @@ Status remove_dir_nonce(int dir_fd, const DirNonce& nonce) {
 }
 
 Result<bool> holds_only_nonce(int dir_fd) {
-  int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status::Io(errno, "open directory");
-  DIR* d = fdopendir(fd);
-  if (d == nullptr) {
-    close(fd);
-    return Status::Io(errno, "read directory");
-  }
   bool only = true;
-  while (dirent* e = ::readdir(d)) {
-    std::string_view n = e->d_name;
+  ENVELOPEFS_RETURN_IF_ERROR(for_each_entry(dir_fd, [&](std::string_view n) {
     if (n != "." && n != ".." && !is_nonce_entry(n)) only = false;
-  }
-  closedir(d);
+  }));
   return only;
 }
 
