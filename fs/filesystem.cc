@@ -367,6 +367,7 @@ Status with_nonce_out(int dir_fd, NonceStore store, const char* what, Op op) {
   if (!empty.ok()) return empty.status();
   if (!*empty) return Status::Io(ENOTEMPTY, what);
   auto saved = read_dir_nonce(dir_fd);
+  if (!saved.ok() && saved.status().code() != Code::kNotFound) return saved.status();  // damage: EIO
   if (saved.ok()) ENVELOPEFS_RETURN_IF_ERROR(remove_dir_nonce(dir_fd, *saved));
   if (op() != 0) {
     int err = errno;

@@ -99,6 +99,7 @@ int cmd_status(std::string path, bool json) {
   nlohmann::json j = {{"cipher_dir", cipher},
                       {"volume_id", to_hex(c.volume_id)},
                       {"format_version", c.format_version},
+                      {"features", c.features},
                       {"block_size", c.block_size},
                       {"key_provider", c.root_uri},
                       {"mounted_at", mounted_at},
@@ -112,8 +113,12 @@ int cmd_status(std::string path, bool json) {
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
   }
-  std::printf("volume %s\n  cipher dir:   %s\n  format:       %u\n  block size:   %u\n  key provider: %s\n",
-              to_hex(c.volume_id).c_str(), cipher.c_str(), c.format_version, c.block_size, c.root_uri.c_str());
+  std::string features;
+  for (const std::string& f : c.features) features += (features.empty() ? " (" : ", ") + f;
+  if (!features.empty()) features += ")";
+  std::printf("volume %s\n  cipher dir:   %s\n  format:       %u%s\n  block size:   %u\n  key provider: %s\n",
+              to_hex(c.volume_id).c_str(), cipher.c_str(), c.format_version, features.c_str(), c.block_size,
+              c.root_uri.c_str());
   for (const auto& d : c.deks) {
     std::printf("  DEK v%u:       %s (created %s)\n", d.version,
                 d.state == DekState::kActive ? "active" : "retired", d.created.c_str());

@@ -232,6 +232,18 @@ class EmptyDirectories(VolumeTest):
         self.vol.remount()
         self.assertEqual(read_file(self.vol.path("d", "f")), b"z")
 
+    def test_empty_directory_with_two_nonces_fails_closed(self):
+        os.mkdir(self.vol.path("d"))
+        self.vol.unmount()
+        d = self._backing_dir("d")
+        open(os.path.join(d, "envelopefs.dirnonce." + "A" * 22), "w").close()  # a second one
+        self.vol.mount()
+        for op in (lambda: os.listdir(self.vol.path("d")), lambda: os.rmdir(self.vol.path("d"))):
+            with self.assertRaises(OSError) as cm:
+                op()
+            self.assertEqual(cm.exception.errno, errno.EIO)
+        self.assertEqual(len(self._nonce_entries(d)), 2)  # nothing removed
+
     def test_non_empty_directory_without_nonce_fails_closed(self):
         os.mkdir(self.vol.path("d"))
         write_file(self.vol.path("d", "f"), b"z")
@@ -535,10 +547,14 @@ class ErrorsAndCli(VolumeTest):
         self.assertEqual(j["cipher_dir"], self.vol.cipher)
         self.assertEqual(j["mounted_at"], [self.vol.mnt])
         self.assertEqual(j["deks"][0]["state"], "active")
+        self.assertEqual(j["features"], ["nonce-names"])
+        self.assertIn("format:       1 (nonce-names)", run([BIN, "status", self.vol.cipher]).stdout)
         r = run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher], check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("already", r.stderr)
-        self.assertEqual(run([BIN, "--version"]).stdout.split()[0], "envelopefs")
+        version = run([BIN, "--version"]).stdout
+        self.assertEqual(version.split()[0], "envelopefs")
+        self.assertRegex(version, r"\((Release|Debug|RelWithDebInfo|MinSizeRel|asan) build\)")
 
 
 if __name__ == "__main__":
