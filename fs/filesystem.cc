@@ -42,7 +42,7 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       inodes_(root_fd),
       layout_(keys_->block_size()),
       as_root_(geteuid() == 0),
-      nonce_store_(config_.has_feature(kFeatureNonceNames) ? NonceStore::kName : NonceStore::kFile),
+      nonce_store_(nonce_store_of(config_)),
       root_fd_(root_fd) {}
 
 Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
@@ -77,15 +77,12 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
   if (dir.nonce) return *dir.nonce;
   if (dir.type != S_IFDIR) return Status::Io(ENOTDIR, "not a directory");
   auto n = read_dir_nonce(dir.fd);
-  auto is_empty = [&] {
-    auto e = holds_only_nonce(dir.fd);
-    return e.ok() && *e;
-  };
-  if (!n.ok() && n.status().code() == Code::kNotFound && !is_empty()) {
-    // Entries named under a nonce that is gone: damage, not "no such file".
-    return Status(Code::kCorrupt, "directory nonce is missing and the directory holds entries");
-  }
   if (!n.ok() && n.status().code() == Code::kNotFound) {
+    auto empty = holds_only_nonce(dir.fd);
+    if (!empty.ok() || !*empty) {
+      // Entries named under a nonce that is gone: damage, not "no such file".
+      return Status(Code::kCorrupt, "directory nonce is missing and the directory holds entries");
+    }
     // An empty directory whose nonce is gone: a crash between removing the nonce and removing
     // (or replacing) the directory leaves one, and so does a power cut that kept a new
     // directory's entry in its parent but not the directory's own first entry. Nothing in it
@@ -494,7 +491,7 @@ Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i, bool will_read
   // Reading a file costs a disk request for its header at OPEN and another for its data at the
   // first READ; reading ahead one group (its page and 31 blocks: all of a small file) at open
   // makes them one. Not with --direct-backing, whose reads bypass the backing page cache.
-  const uint64_t prefetch = will_read && !options_.direct_backing ? layout_.backing_size(kBlocksPerGroup * layout_.block_size()) : 0;
+  const uint64_t prefetch = will_read && !options_.direct_backing ? layout_.group_size() : 0;
   auto f = CipherFile::open(fd, *keys_, *io_, prefetch);
   if (!f.ok()) return f.status();  // ~OpenFile closes fd
   of->file = std::move(f).value();

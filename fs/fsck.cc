@@ -29,8 +29,10 @@ class Checker {
       // in its parent was made durable and its own first entry, the nonce, was not (or between
       // "nonce out" and rmdir). Nothing is named under a lost nonce; the mount makes a new one at
       // first use (fs/FORMAT.md, "Names"). Not damage.
-      auto empty = holds_only_nonce(dir_fd);
-      if (nonce.status().code() == Code::kNotFound && empty.ok() && *empty) return;
+      if (nonce.status().code() == Code::kNotFound) {
+        auto empty = holds_only_nonce(dir_fd);
+        if (empty.ok() && *empty) return;
+      }
       return problem(plain_path + "/", nonce.status().to_string());
     }
     int dup_fd = dup(dir_fd);

@@ -96,6 +96,10 @@ Result<DirNonce> find_named_nonce(int dir_fd) {
 
 }  // namespace
 
+NonceStore nonce_store_of(const VolumeConfig& c) {
+  return c.has_feature(kFeatureNonceNames) ? NonceStore::kName : NonceStore::kFile;
+}
+
 Status create_dir_nonce(int dir_fd, NonceStore store) {
   DirNonce nonce;
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(nonce));
