@@ -1,5 +1,5 @@
 // The raw /dev/fuse channel, wrapped (fuse_session_custom_io) for the one thing libfuse 3.14
-// cannot do: negotiate FUSE_HANDLE_KILLPRIV_V2.
+// cannot do: negotiate FUSE_HANDLE_KILLPRIV_V2 (and FUSE_OVER_IO_URING, see fuse_ring.h).
 //
 // Without it the kernel asks GETXATTR "security.capability" before every write() into the
 // page cache: FUSE sets SB_NOSEC only under that capability, so "nothing to strip" is never
@@ -11,12 +11,22 @@
 // the same thread (libfuse's worker reads a request and then handles it).
 #pragma once
 
+#include <cstddef>
+
 #include "fs/fuse_ops.h"  // FUSE_USE_VERSION, fuse_lowlevel.h
 
 namespace envelopefs {
 
-// Installs the hooks on a mounted session (call right after fuse_session_mount).
-bool install_fuse_channel(fuse_session* se);
+class FuseRing;
+
+// Installs the hooks on a mounted session (call right after fuse_session_mount). With a ring,
+// the INIT reply announces FUSE_OVER_IO_URING when the kernel offers it, the ring is started
+// once INIT is answered, and replies to the requests it serves go back through it.
+bool install_fuse_channel(fuse_session* se, FuseRing* ring);
+
+// Notes what the raw request (fuse_in_header and what follows) asks beyond what libfuse
+// passes on; the next handler on this thread reads it (request_kills_suidgid).
+void note_request(const void* buf, size_t len);
 
 // True when the request this thread is handling asked the filesystem to clear
 // set-user-ID/set-group-ID (FUSE_WRITE_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID,

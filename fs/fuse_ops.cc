@@ -11,6 +11,7 @@
 
 #include "fs/aligned_buffer.h"
 #include "fs/fuse_channel.h"
+#include "fs/fuse_ring.h"
 #include "fs/errno_map.h"
 #include "fs/filesystem.h"
 #include "fs/log.h"
@@ -203,11 +204,17 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   guard(req, [&] {
     // Page-aligned, so whole blocks can be read into it with O_DIRECT and decrypted in place.
-    thread_local AlignedBuffer buf;
-    if (buf.capacity() < size) buf = AlignedBuffer(size);  // bad_alloc: ENOMEM, in guard()
-    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {buf.data(), size});
+    // A request that came through the ring is answered from its entry's payload buffer,
+    // which the reply then needs no copy into.
+    uint8_t* out = ring_reply_buffer(size);
+    if (out == nullptr) {
+      thread_local AlignedBuffer buf;
+      if (buf.capacity() < size) buf = AlignedBuffer(size);  // bad_alloc: ENOMEM, in guard()
+      out = buf.data();
+    }
+    auto n = fs_of(req).read(ino, static_cast<uint64_t>(off), {out, size});
     if (!n.ok()) return reply_status(req, n.status(), "read", ino);
-    fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), *n);
+    fuse_reply_buf(req, reinterpret_cast<const char*>(out), *n);
   });
 }
 

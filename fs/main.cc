@@ -141,6 +141,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
     if (o.rfind("passfile=", 0) == 0) mo->provider.passfile = o.substr(9);
     else if (o.rfind("log_file=", 0) == 0) mo->log_file = o.substr(9);
     else if (o == "no_uring") mo->use_uring = false;
+    else if (o.rfind("fuse_transport=", 0) == 0) mo->fuse_transport = o.substr(15);
     else if (o == "no_writeback") mo->fs.writeback_cache = false;
     else if (o == "direct_backing") mo->fs.direct_backing = true;
     else if (o == "allow_other") mo->allow_other = true;
@@ -186,7 +187,7 @@ int main(int argc, char** argv) {
   mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
-                                "no_uring, no_writeback, direct_backing");
+                                "no_uring, no_writeback, direct_backing, fuse_transport=T");
   mount->add_option("--passfile", mo.provider.passfile, "pass: read the passphrase from this file");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "use pread/pwrite instead of io_uring");
@@ -195,7 +196,15 @@ int main(int argc, char** argv) {
   mount->add_flag("--direct-backing", mo.fs.direct_backing,
                   "backing I/O with O_DIRECT: plaintext is not cached twice (page cache holds\n"
                   "only the plaintext); needs a backing filesystem that supports O_DIRECT");
-  mount->add_option("--threads", mo.threads, "FUSE worker threads (default 8)")->check(CLI::Range(1, 256));
+  mount->add_option("--fuse-transport", mo.fuse_transport,
+                    "how the kernel hands requests to the daemon: auto (default: FUSE over io_uring\n"
+                    "when /sys/module/fuse/parameters/enable_uring is Y, else /dev/fuse), io_uring\n"
+                    "(required; as root, switches enable_uring on), dev (/dev/fuse only)")
+      ->check(CLI::IsMember({"auto", "io_uring", "dev"}));
+  mount->add_option("--threads", mo.threads,
+                    "FUSE worker threads (default 8; with io_uring, spread over one queue per CPU,\n"
+                    "at least 2 per CPU)")
+      ->check(CLI::Range(1, 256));
   mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();
 
@@ -223,6 +232,10 @@ int main(int argc, char** argv) {
   if (*init) return cmd_init(dir, kms, block_size, po);
   if (*mount) {
     split_options(opts, &mo);
+    if (mo.fuse_transport != "auto" && mo.fuse_transport != "io_uring" && mo.fuse_transport != "dev") {
+      std::fprintf(stderr, "envelopefs: fuse_transport=%s: expected auto, io_uring or dev\n", mo.fuse_transport.c_str());
+      return 2;
+    }
     return run_mount(mo);
   }
   if (*unmount) return run_unmount(mountpoint);

@@ -16,6 +16,7 @@
 
 #include "fs/fuse_channel.h"
 #include "fs/fuse_ops.h"
+#include "fs/fuse_ring.h"
 #include "fs/log.h"
 
 namespace envelopefs {
@@ -70,6 +71,25 @@ void raise_readahead(const std::string& mountpoint, unsigned kib) {
   close(fd);
 }
 
+// Whether to offer the kernel FUSE over io_uring: for "auto" when its switch is on, for
+// "io_uring" always (switching it on as root). Decided before the mount, which is when the
+// kernel reads the switch for its INIT. `why` is set when "io_uring" cannot be had.
+bool want_ring(const MountOptions& o, std::string* why) {
+  why->clear();
+  if (o.fuse_transport == "dev") return false;
+  bool exists = false;
+  const bool allowed = kernel_allows_fuse_uring(&exists);
+  if (o.fuse_transport != "io_uring") return allowed;
+  if (!exists) {
+    *why = "this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)";
+    return false;
+  }
+  if (allowed) return true;
+  if (!allow_fuse_uring(why)) return false;
+  log_info("switched on /sys/module/fuse/parameters/enable_uring (asked for by --fuse-transport io_uring)");
+  return true;
+}
+
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
   // The kernel has already applied the caller's umask to every mode it sends; ours must not
@@ -96,6 +116,9 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   std::vector<char*> argv;
   for (auto& s : argv_s) argv.push_back(s.data());
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  std::string why;
+  const bool use_ring = want_ring(o, &why);
+  if (!why.empty()) return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
   fuse_session* se = fuse_session_new(&args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &fs);
   if (se == nullptr) return fail(ready, o.foreground, "cannot start a FUSE session (bad -o option?)");
   if (fuse_set_signal_handlers(se) != 0) {
@@ -107,7 +130,23 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     fuse_session_destroy(se);
     return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
   }
-  if (!install_fuse_channel(se)) log_error("cannot wrap the FUSE channel; every write will cost a GETXATTR round trip");
+  std::unique_ptr<FuseRing> ring;
+  if (use_ring) {
+    ring = FuseRing::create(se, static_cast<unsigned>(o.threads), &why);
+    if (!ring) {
+      if (o.fuse_transport == "io_uring") {
+        fuse_session_unmount(se);
+        fuse_remove_signal_handlers(se);
+        fuse_session_destroy(se);
+        return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
+      }
+      log_info("FUSE over io_uring not used (" + why + "); requests come through /dev/fuse");
+    }
+  }
+  if (!install_fuse_channel(se, ring.get())) {
+    log_error("cannot wrap the FUSE channel; every write will cost a GETXATTR round trip");
+    ring.reset();
+  }
   raise_readahead(absolute(o.mountpoint), 1024);
   log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
@@ -122,12 +161,18 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
     (void)!chdir("/");
   }
+  // With the ring, /dev/fuse carries only INIT, FORGET and INTERRUPT: two threads do.
+  const unsigned classic = ring ? 2u : static_cast<unsigned>(o.threads);
   fuse_loop_config* cfg = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(o.threads));
-  fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
+  fuse_loop_cfg_set_max_threads(cfg, classic);
+  fuse_loop_cfg_set_idle_threads(cfg, classic);
   int rc = fuse_session_loop_mt(se, cfg);
   fuse_loop_cfg_destroy(cfg);
   fuse_session_unmount(se);
+  if (ring && ring->used()) {
+    ring->stop();
+    log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
+  }
   fuse_remove_signal_handlers(se);
   fuse_session_destroy(se);
   log_info("unmounted " + o.mountpoint + "; keys zeroized");

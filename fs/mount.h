@@ -18,6 +18,9 @@ struct MountOptions {
   std::string fuse_options;  // extra -o options for libfuse and the kernel
   std::string log_file;
   int threads = 8;
+  // How requests reach the daemon: "auto" (FUSE over io_uring where the kernel allows it,
+  // else /dev/fuse), "io_uring" (required; root switches the kernel's enable_uring on), "dev".
+  std::string fuse_transport = "auto";
   ProviderOptions provider;
   FsOptions fs;
 };

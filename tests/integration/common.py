@@ -2,6 +2,10 @@
 
 Every test gets its own temporary directory holding the cipher dir, the mountpoint, a
 throwaway root key and the daemon's log. The binary comes from ENVELOPEFS_BIN (set by ctest).
+ENVELOPEFS_FUSE_TRANSPORT (set by ctest: "dev", or "io_uring" for the *_uring variants) picks
+how the kernel hands requests to the daemon; with "io_uring", every unmount also checks that
+the requests really came through the ring, and the test is skipped (exit 77) on a kernel
+without FUSE over io_uring.
 """
 import ctypes
 import errno
@@ -16,6 +20,8 @@ import unittest
 
 BIN = os.environ.get("ENVELOPEFS_BIN", os.path.join(os.path.dirname(__file__), "../../build/envelopefs"))
 libc = ctypes.CDLL(None, use_errno=True)
+TRANSPORT = os.environ.get("ENVELOPEFS_FUSE_TRANSPORT")
+URING_SWITCH = "/sys/module/fuse/parameters/enable_uring"
 
 
 def run(args, check=True, **kw):
@@ -46,8 +52,26 @@ class Volume:
         return os.path.join(self.mnt, *parts)
 
     def mount(self, *args):
+        args = list(args)
+        if "--fuse-transport" in args:
+            self.transport = args[args.index("--fuse-transport") + 1]
+        else:
+            self.transport = TRANSPORT
+            if TRANSPORT:
+                args[:0] = ["--fuse-transport", TRANSPORT]
         run([BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
         assert is_mounted(self.mnt)
+
+    def ring_served(self):
+        """Requests the last daemon served through FUSE over io_uring, as it logged on exit;
+        None when its ring never started."""
+        found = None
+        for line in self.log_text().splitlines():
+            if "envelopefs: mounted " in line:
+                found = None
+            if "FUSE over io_uring served" in line:
+                found = int(line.split("served ")[1].split()[0])
+        return found
 
     def daemon_pid(self):
         for pid in os.listdir("/proc"):
@@ -66,6 +90,8 @@ class Volume:
         pid = self.daemon_pid()
         run([BIN, "unmount", self.mnt])
         self._wait_gone(pid)
+        if getattr(self, "transport", None) == "io_uring":
+            assert self.ring_served() is not None, "asked for FUSE over io_uring, but the daemon did not use it"
 
     def kill9(self):
         pid = self.daemon_pid()
@@ -162,4 +188,7 @@ def fallocate(fd, mode, off, length):
 
 
 def main():
+    if TRANSPORT == "io_uring" and not os.path.exists(URING_SWITCH):
+        print("skipped: this kernel has no FUSE over io_uring")
+        raise SystemExit(77)
     unittest.main(verbosity=2)
