@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: ext4 directly, libfuse's passthrough_ll (the plain-FUSE baseline,
-compiled here from libfuse3-dev's example), envelopefs, and gocryptfs/securefs when installed
-(apt-get install gocryptfs securefs). Everything runs back to back in one invocation and is
+compiled here from libfuse3-dev's example), envelopefs (and envelopefs-uring: through FUSE over
+io_uring, where the kernel has it), and gocryptfs/securefs when installed (apt-get install
+gocryptfs securefs). Everything runs back to back in one invocation and is
 reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
 
   sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
@@ -21,6 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXAMPLES = "/usr/share/doc/libfuse3-dev/examples"
+
+
+HAS_FUSE_URING = os.path.exists("/sys/module/fuse/parameters/enable_uring")
 
 
 def sh(cmd, check=True, **kw):
@@ -258,7 +262,7 @@ def main():
     ap.add_argument("--pgbench-seconds", type=int, default=30)
     ap.add_argument("--work", default="/var/tmp/envelopefs-bench")
     ap.add_argument("--binary", default=os.path.join(ROOT, "build/envelopefs"))
-    ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,envelopefs-direct,gocryptfs,securefs")
+    ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,envelopefs-uring,envelopefs-direct,gocryptfs,securefs")
     ap.add_argument("--tree", default="/usr/include", help="directory tree for the cp -r phase")
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--no-tree", action="store_true")
@@ -283,10 +287,16 @@ def main():
                   ("passthrough", lambda: Passthrough("passthrough", a.work, False)),
                   ("passthrough-wb", lambda: Passthrough("passthrough-wb", a.work, True)),
                   ("envelopefs", lambda: Envelopefs("envelopefs", a.work, a.binary)),
+                  # The opt-in FUSE over io_uring transport, where the kernel has it.
+                  ("envelopefs-uring", lambda: Envelopefs("envelopefs-uring", a.work, a.binary,
+                                                          ["--fuse-transport", "io_uring"])),
                   # The O_DIRECT backing option, for what it changes: the sequential phases and
                   # the page cache a read leaves (plaintext only, not ciphertext as well).
                   ("envelopefs-direct", lambda: Envelopefs("envelopefs-direct", a.work, a.binary,
                                                            ["--direct-backing"], seq_only=True))]
+    if not HAS_FUSE_URING:
+        candidates = [c for c in candidates if c[0] != "envelopefs-uring"]
+        print("# envelopefs-uring: this kernel has no FUSE over io_uring", file=sys.stderr)
     for peer, cls in (("gocryptfs", Gocryptfs), ("securefs", Securefs)):
         if shutil.which(peer):
             candidates.append((peer, lambda p=peer, c=cls: c(p, a.work)))

@@ -243,10 +243,10 @@ void FuseRing::run(Worker* w, size_t) {
   // Pinned to the queue's CPU: the kernel queues a request on the CPU of the caller, who
   // sleeps until the answer, so serving it there needs no cross-CPU wake-up. Best effort (a
   // CPU outside this process's cpuset simply issues no requests).
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(w->qid, &set);
-  (void)pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  cpu_set_t own;
+  CPU_ZERO(&own);
+  CPU_SET(w->qid, &own);
+  (void)pthread_setaffinity_np(pthread_self(), sizeof own, &own);
 
   int rc = submit_cmd(&w->ring, dev_fd_, kCmdRegister, w->qid, 0, w->iov);
   while (rc >= 0) {

@@ -2,14 +2,16 @@
 // of the CPU that issued it, and the daemon answers and fetches the next request with one
 // io_uring command, instead of a read() and a writev() on /dev/fuse per request.
 //
-// Why: on the 2-core VM the classic channel woke whichever of the worker threads had waited
-// longest, usually on the other CPU, and every such wake-up is an inter-processor interrupt
-// (a VM exit). Database work is made of small synchronous requests (WAL write, SETATTR, FSYNC)
-// and paid that twice per request. Here the queue's threads are pinned to its CPU, so the
-// caller sleeps and the daemon thread runs where it was.
+// What it buys, and costs (2-core VM, bench/README.md): every queue's threads are pinned to
+// its CPU, so a caller that sleeps until the answer is served on the CPU it sleeps on, with no
+// cross-CPU wake-up (an inter-processor interrupt, a VM exit): rm -rf of a source tree takes
+// half the time of /dev/fuse, cp -r 15% less. But all requests of one caller land on one
+// CPU, so bulk data (readahead, 16 requests in flight, 4 KiB random reads) loses the second
+// core: seq read -28%, random read -33%, randrw at queue depth 16 -35%. Hence opt-in
+// (--fuse-transport io_uring), for trees of small files; /dev/fuse stays the default.
 //
 // The kernel takes this path only when the daemon announces FUSE_OVER_IO_URING in its INIT
-// reply and /sys/module/fuse/parameters/enable_uring is Y; INIT, FORGET and INTERRUPT still
+// reply and /sys/module/fuse/parameters/enable_uring is Y (the mount switches it on as root); INIT, FORGET and INTERRUPT still
 // come through /dev/fuse, so the classic loop keeps running beside the ring threads. Requests
 // are handed to libfuse unchanged (fuse_session_process_buf): the entry's header and per-op
 // struct are copied in front of the payload, which stays where the kernel put it; libfuse's

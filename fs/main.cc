@@ -197,10 +197,10 @@ int main(int argc, char** argv) {
                   "backing I/O with O_DIRECT: plaintext is not cached twice (page cache holds\n"
                   "only the plaintext); needs a backing filesystem that supports O_DIRECT");
   mount->add_option("--fuse-transport", mo.fuse_transport,
-                    "how the kernel hands requests to the daemon: auto (default: FUSE over io_uring\n"
-                    "when /sys/module/fuse/parameters/enable_uring is Y, else /dev/fuse), io_uring\n"
-                    "(required; as root, switches enable_uring on), dev (/dev/fuse only)")
-      ->check(CLI::IsMember({"auto", "io_uring", "dev"}));
+                    "how the kernel hands requests to the daemon: dev (default, /dev/fuse) or\n"
+                    "io_uring (Linux 6.14+: per-CPU queues, faster on many small files, slower on\n"
+                    "bulk data; as root, switches /sys/module/fuse/parameters/enable_uring on)")
+      ->check(CLI::IsMember({"io_uring", "dev"}));
   mount->add_option("--threads", mo.threads,
                     "FUSE worker threads (default 8; with io_uring, spread over one queue per CPU,\n"
                     "at least 2 per CPU)")
@@ -232,8 +232,8 @@ int main(int argc, char** argv) {
   if (*init) return cmd_init(dir, kms, block_size, po);
   if (*mount) {
     split_options(opts, &mo);
-    if (mo.fuse_transport != "auto" && mo.fuse_transport != "io_uring" && mo.fuse_transport != "dev") {
-      std::fprintf(stderr, "envelopefs: fuse_transport=%s: expected auto, io_uring or dev\n", mo.fuse_transport.c_str());
+    if (mo.fuse_transport != "io_uring" && mo.fuse_transport != "dev") {
+      std::fprintf(stderr, "envelopefs: fuse_transport=%s: expected dev or io_uring\n", mo.fuse_transport.c_str());
       return 2;
     }
     return run_mount(mo);

@@ -71,20 +71,17 @@ void raise_readahead(const std::string& mountpoint, unsigned kib) {
   close(fd);
 }
 
-// Whether to offer the kernel FUSE over io_uring: for "auto" when its switch is on, for
-// "io_uring" always (switching it on as root). Decided before the mount, which is when the
-// kernel reads the switch for its INIT. `why` is set when "io_uring" cannot be had.
+// For --fuse-transport io_uring: whether the kernel can do it, switching it on (as root) if
+// it is off. Done before the mount, which is when the kernel reads the switch for its INIT.
 bool want_ring(const MountOptions& o, std::string* why) {
   why->clear();
-  if (o.fuse_transport == "dev") return false;
+  if (o.fuse_transport != "io_uring") return false;
   bool exists = false;
-  const bool allowed = kernel_allows_fuse_uring(&exists);
-  if (o.fuse_transport != "io_uring") return allowed;
+  if (kernel_allows_fuse_uring(&exists)) return true;
   if (!exists) {
     *why = "this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)";
     return false;
   }
-  if (allowed) return true;
   if (!allow_fuse_uring(why)) return false;
   log_info("switched on /sys/module/fuse/parameters/enable_uring (asked for by --fuse-transport io_uring)");
   return true;
@@ -134,13 +131,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (use_ring) {
     ring = FuseRing::create(se, static_cast<unsigned>(o.threads), &why);
     if (!ring) {
-      if (o.fuse_transport == "io_uring") {
-        fuse_session_unmount(se);
-        fuse_remove_signal_handlers(se);
-        fuse_session_destroy(se);
-        return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
-      }
-      log_info("FUSE over io_uring not used (" + why + "); requests come through /dev/fuse");
+      fuse_session_unmount(se);
+      fuse_remove_signal_handlers(se);
+      fuse_session_destroy(se);
+      return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
     }
   }
   if (!install_fuse_channel(se, ring.get())) {

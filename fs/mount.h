@@ -18,9 +18,9 @@ struct MountOptions {
   std::string fuse_options;  // extra -o options for libfuse and the kernel
   std::string log_file;
   int threads = 8;
-  // How requests reach the daemon: "auto" (FUSE over io_uring where the kernel allows it,
-  // else /dev/fuse), "io_uring" (required; root switches the kernel's enable_uring on), "dev".
-  std::string fuse_transport = "auto";
+  // How requests reach the daemon: "dev" (/dev/fuse) or "io_uring" (FUSE over io_uring,
+  // fuse_ring.h; root switches the kernel's enable_uring on).
+  std::string fuse_transport = "dev";
   ProviderOptions provider;
   FsOptions fs;
 };

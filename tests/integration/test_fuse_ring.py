@@ -1,6 +1,6 @@
 """FUSE over io_uring (fs/fuse_ring.h): the transport is really used, carries the largest
-requests and replies both ways, serves callers on every CPU, picks itself only where asked
-for or allowed, and lets the daemon go at unmount, SIGTERM and SIGKILL.
+requests and replies both ways, serves callers on every CPU, is used only when asked for, and
+lets the daemon go at unmount, SIGTERM and SIGKILL.
 
 Run by ctest with ENVELOPEFS_FUSE_TRANSPORT=io_uring (skipped on a kernel without it)."""
 import errno
@@ -74,21 +74,21 @@ class FuseRing(VolumeTest):
         self.vol.unmount()
         self.assertGreater(self.vol.ring_served(), 150 * 4 * len(threads))
 
-    def test_auto_follows_the_kernel_switch(self):
-        # The io_uring mount in setUp has switched it on, so "auto" takes the ring...
+    def test_dev_is_the_default_and_never_uses_the_ring(self):
+        # The io_uring mount in setUp has switched the kernel's switch on; still, without the
+        # option a mount talks through /dev/fuse.
         self.assertEqual(open(URING_SWITCH).read().strip(), "Y")
-        self.vol.remount("--fuse-transport", "auto")
-        os.listdir(self.vol.mnt)
-        self.vol.unmount()
-        self.assertGreater(self.vol.ring_served(), 0)
-        # ... and "dev" never does.
-        self.vol.mount("--fuse-transport", "dev")
-        with open(self.vol.path("x"), "wb") as f:
-            f.write(b"through /dev/fuse")
-        self.vol.unmount()
-        self.assertIsNone(self.vol.ring_served())
-        self.vol.mount()
-        self.assertEqual(read_file(self.vol.path("x")), b"through /dev/fuse")
+        for args in ((), ("--fuse-transport", "dev")):
+            self.vol.unmount()
+            run([BIN, "mount", "--log-file", self.vol.log, *args, self.vol.cipher, self.vol.mnt])
+            with open(self.vol.path("x"), "wb") as f:
+                f.write(b"through /dev/fuse")
+            pid = self.vol.daemon_pid()
+            run([BIN, "unmount", self.vol.mnt])
+            self.vol._wait_gone(pid)
+            self.assertIsNone(self.vol.ring_served())
+            self.vol.mount()
+            self.assertEqual(read_file(self.vol.path("x")), b"through /dev/fuse")
 
     def test_sigterm_unmounts_and_exits(self):
         with open(self.vol.path("kept"), "wb") as f:
@@ -113,7 +113,7 @@ class FuseRing(VolumeTest):
     def test_unknown_transport_is_refused(self):
         r = run([BIN, "mount", "-o", "fuse_transport=bogus", self.vol.cipher, self.vol.root], check=False)
         self.assertEqual(r.returncode, 2)
-        self.assertIn("fuse_transport=bogus: expected auto, io_uring or dev", r.stderr)
+        self.assertIn("fuse_transport=bogus: expected dev or io_uring", r.stderr)
         r = run([BIN, "mount", "--fuse-transport", "ring", self.vol.cipher, self.vol.root], check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--fuse-transport", r.stderr)
