@@ -227,7 +227,11 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
     else if (to_set & (1 << 4)) ts[0] = attr.st_atim;
     if (to_set & (1 << 8)) ts[1].tv_nsec = UTIME_NOW;
     else if (to_set & (1 << 5)) ts[1] = attr.st_mtim;
-    if (utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0) != 0) return errno_status("utimens");
+    // An open file (the writeback cache's time updates, one per fsync or close of a written
+    // file) takes futimens on its descriptor; the /proc path costs a lookup of its own.
+    std::shared_ptr<OpenFile> of = i.type == S_IFREG ? opened(i) : nullptr;
+    const int rc = of ? futimens(of->fd, ts) : utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0);
+    if (rc != 0) return errno_status("utimens");
   }
   return stat_inode(i, out);
 }

@@ -495,6 +495,20 @@ class FileOps(VolumeTest):
         self.assertEqual(vfs.f_namemax, 255)
         self.assertGreater(vfs.f_blocks, 0)
 
+    def test_utimens_on_an_open_file(self):
+        # An open file's times are set through its backing descriptor (futimens), a closed
+        # one's through the O_PATH handle: both must land, and an omitted time stay.
+        p = self.vol.path("open-times")
+        fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+        os.write(fd, b"data")
+        os.utime(fd, ns=(3_000_000_007, 4_000_000_008))
+        self.assertEqual(os.stat(p).st_mtime_ns, 4_000_000_008)
+        subprocess.run(["touch", "-m", "-d", "@5.25", p], check=True)  # atime UTIME_OMIT
+        os.close(fd)
+        self.vol.remount()
+        st = os.stat(p)
+        self.assertEqual((st.st_atime_ns, st.st_mtime_ns), (3_000_000_007, 5_250_000_000))
+
     def test_partial_overwrites_match_model(self):
         import random
         r = random.Random(11)
