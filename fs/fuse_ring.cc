@@ -233,13 +233,13 @@ void FuseRing::start(bool accepted, size_t payload_size) {
   used_ = true;
   for (size_t i = 0; i < n; ++i) {
     Worker* w = &workers_[i];
-    w->thread = std::thread([this, w, payload_size] { run(w, payload_size); });
+    w->thread = std::thread([this, w] { run(w); });
   }
   log_info("FUSE transport: io_uring, " + std::to_string(queues_) + " queues x " + std::to_string(per_queue_) +
            " threads");
 }
 
-void FuseRing::run(Worker* w, size_t) {
+void FuseRing::run(Worker* w) {
   // Pinned to the queue's CPU: the kernel queues a request on the CPU of the caller, who
   // sleeps until the answer, so serving it there needs no cross-CPU wake-up. Best effort (a
   // CPU outside this process's cpuset simply issues no requests).
@@ -249,6 +249,9 @@ void FuseRing::run(Worker* w, size_t) {
   (void)pthread_setaffinity_np(pthread_self(), sizeof own, &own);
 
   int rc = submit_cmd(&w->ring, dev_fd_, kCmdRegister, w->qid, 0, w->iov);
+  // A queue whose every entry is gone would leave its CPU's callers waiting for ever, so an
+  // entry lost to an unexpected error is registered again (a bounded number of times).
+  int reregistered = 0;
   while (rc >= 0) {
     io_uring_cqe* cqe = nullptr;
     rc = io_uring_wait_cqe(&w->ring, &cqe);
@@ -260,12 +263,13 @@ void FuseRing::run(Worker* w, size_t) {
     const int res = cqe->res;
     io_uring_cqe_seen(&w->ring, cqe);
     if (res < 0) {
-      // ENOTCONN/ECANCELED: the mount is going away. Anything else ends this thread's entry;
-      // the queue's other threads carry on.
-      if (res != -ENOTCONN && res != -ECANCELED) {
-        log_error(std::string("FUSE over io_uring: queue ") + std::to_string(w->qid) + ": " + std::strerror(-res));
-      }
-      break;
+      // ENOTCONN/ECANCELED: the mount is going away.
+      if (res == -ENOTCONN || res == -ECANCELED) break;
+      log_error(std::string("FUSE over io_uring: queue ") + std::to_string(w->qid) + ": " + std::strerror(-res) +
+                (reregistered < 16 ? "; registering the entry again" : "; giving up this entry"));
+      if (reregistered++ >= 16) break;
+      rc = submit_cmd(&w->ring, dev_fd_, kCmdRegister, w->qid, 0, w->iov);
+      continue;
     }
 
     fuse_in_header in;

@@ -62,7 +62,7 @@ class FuseRing {
  private:
   struct Worker;
   FuseRing() = default;
-  void run(Worker* w, size_t payload_size);
+  void run(Worker* w);
 
   fuse_session* se_ = nullptr;
   int dev_fd_ = -1;
