@@ -5,14 +5,16 @@
 // What it buys, and costs (2-core VM, bench/README.md): every queue's threads are pinned to
 // its CPU, so a caller that sleeps until the answer is served on the CPU it sleeps on, with no
 // cross-CPU wake-up (an inter-processor interrupt, a VM exit): rm -rf of a source tree takes
-// half the time of /dev/fuse, cp -r 15% less. But all requests of one caller land on one
+// half the time of /dev/fuse, cp -r 5-13% less. But all requests of one caller land on one
 // CPU, so bulk data (readahead, 16 requests in flight, 4 KiB random reads) loses the second
-// core: seq read -28%, random read -33%, randrw at queue depth 16 -35%. Hence opt-in
-// (--fuse-transport io_uring), for trees of small files; /dev/fuse stays the default.
+// core: seq read -28 to -33%, random read -12 to -33%, randrw at queue depth 16 -35 to -39%.
+// Hence opt-in (--fuse-transport io_uring), for trees of small files; /dev/fuse stays the
+// default.
 //
 // The kernel takes this path only when the daemon announces FUSE_OVER_IO_URING in its INIT
-// reply and /sys/module/fuse/parameters/enable_uring is Y (the mount switches it on as root); INIT, FORGET and INTERRUPT still
-// come through /dev/fuse, so the classic loop keeps running beside the ring threads. Requests
+// reply and /sys/module/fuse/parameters/enable_uring is Y (the mount switches it on as root).
+// INIT, FORGET and INTERRUPT still come through /dev/fuse, so the classic loop keeps running
+// beside the ring threads. Requests
 // are handed to libfuse unchanged (fuse_session_process_buf): the entry's header and per-op
 // struct are copied in front of the payload, which stays where the kernel put it; libfuse's
 // reply comes back through the channel's writev hook (fuse_channel.cc), which copies it into
