@@ -155,11 +155,12 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
     (void)!chdir("/");
   }
-  // With the ring, /dev/fuse carries only INIT, FORGET and INTERRUPT: two threads do.
-  const unsigned classic = ring ? 2u : static_cast<unsigned>(o.threads);
+  // libfuse starts one worker and adds one only when all are busy, so with the ring (where
+  // /dev/fuse carries INIT, FORGET and INTERRUPT only) these stay one or two threads; and if
+  // the kernel declines the ring at INIT, /dev/fuse gets the full count.
   fuse_loop_config* cfg = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_max_threads(cfg, classic);
-  fuse_loop_cfg_set_idle_threads(cfg, classic);
+  fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(o.threads));
+  fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
   int rc = fuse_session_loop_mt(se, cfg);
   fuse_loop_cfg_destroy(cfg);
   fuse_session_unmount(se);
