@@ -227,9 +227,11 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off
   });
 }
 
-void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) {
-  fuse_reply_err(req, 0);  // writes are on the backing store before we reply to them
-}
+// Nothing to do at close: writes are on the backing store before we reply to them, and
+// POSIX locks are the kernel's (no FUSE_POSIX_LOCKS). ENOSYS tells the kernel so once and
+// for all (fc->no_flush): it still writes back dirty pages at close, but stops sending a
+// FLUSH round trip per close (cp -r: one per file).
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, ENOSYS); }
 
 void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   fs_of(req).release(ino);
