@@ -38,17 +38,15 @@ bool has_flag(const void* buf, size_t len, uint32_t T::*field, uint32_t bit) {
 
 ssize_t channel_read(int fd, void* buf, size_t len, void*) {
   ssize_t n = ::read(fd, buf, len);
-  t_kill_suidgid = false;
-  if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return n;
+  const size_t got = n > 0 ? static_cast<size_t>(n) : 0;
+  note_request(buf, got);
   fuse_in_header in;
-  std::memcpy(&in, buf, sizeof in);
   fuse_init_in init;
-  if (in.opcode == FUSE_INIT && view(buf, static_cast<size_t>(n), sizeof in, &init)) {
+  if (view(buf, got, 0, &in) && in.opcode == FUSE_INIT && view(buf, got, sizeof in, &init)) {
     g_kernel_offers_v2 = (init.flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
     g_kernel_offers_uring = (init.flags & FUSE_INIT_EXT) && (init.flags2 & kOverIoUring2);
     g_init_unique = in.unique;
   }
-  note_request(buf, static_cast<size_t>(n));
   return n;
 }
 

@@ -143,7 +143,7 @@ struct FuseRing::Worker {
   io_uring ring{};
   bool ring_ok = false;
   unsigned qid = 0;
-  RingHeaders* headers = nullptr;
+  RingHeaders headers{};
   uint8_t* area = nullptr;
   size_t area_len = 0;
   iovec iov[2]{};
@@ -154,7 +154,6 @@ struct FuseRing::Worker {
   ~Worker() {
     if (ring_ok) io_uring_queue_exit(&ring);
     if (area != nullptr) munmap(area, area_len);
-    delete headers;
   }
   uint8_t* payload() const { return area + kFront; }
   size_t capacity() const { return area_len - kFront; }
@@ -188,9 +187,8 @@ std::unique_ptr<FuseRing> FuseRing::create(fuse_session* se, unsigned threads, s
   // At least two per queue: one thread in a backing fsync must not hold up every other
   // request from its CPU.
   r->per_queue_ = std::max(2u, (threads + r->queues_ - 1) / r->queues_);
-  const size_t n = size_t{r->queues_} * r->per_queue_;
-  r->workers_ = std::make_unique<Worker[]>(n);
-  for (size_t i = 0; i < n; ++i) {
+  r->workers_ = std::make_unique<Worker[]>(r->worker_count());
+  for (size_t i = 0; i < r->worker_count(); ++i) {
     Worker& w = r->workers_[i];
     w.qid = static_cast<unsigned>(i / r->per_queue_);
     // One entry in flight per thread: the ring needs room for its command only.
@@ -200,7 +198,6 @@ std::unique_ptr<FuseRing> FuseRing::create(fuse_session* se, unsigned threads, s
       return nullptr;
     }
     w.ring_ok = true;
-    w.headers = new RingHeaders{};
     // 1 MiB is what op_init asks for (max_write); start() checks the size INIT settled on.
     w.area_len = kFront + (size_t{1} << 20);
     void* a = mmap(nullptr, w.area_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -209,7 +206,7 @@ std::unique_ptr<FuseRing> FuseRing::create(fuse_session* se, unsigned threads, s
       return nullptr;
     }
     w.area = static_cast<uint8_t*>(a);
-    w.iov[0] = {w.headers, sizeof(RingHeaders)};
+    w.iov[0] = {&w.headers, sizeof(RingHeaders)};
     w.iov[1] = {w.payload(), w.capacity()};
   }
   return r;
@@ -220,7 +217,7 @@ FuseRing::~FuseRing() { stop(); }
 void FuseRing::start(bool accepted, size_t payload_size) {
   if (!accepted || started_) return;
   started_ = true;
-  const size_t n = size_t{queues_} * per_queue_;
+  const size_t n = worker_count();
   if (payload_size > workers_[0].capacity()) {
     // The kernel would refuse these buffers anyway; an entry it refuses turns io_uring off
     // for the connection, so requests keep flowing through /dev/fuse.
@@ -273,10 +270,10 @@ void FuseRing::run(Worker* w) {
     }
 
     fuse_in_header in;
-    std::memcpy(&in, w->headers->in_out, sizeof in);
+    std::memcpy(&in, w->headers.in_out, sizeof in);
     RingEntInOut ent;
-    std::memcpy(&ent, &w->headers->ent, sizeof ent);
-    Current cur{in.unique, w->headers, w->payload(), w->capacity(), false};
+    std::memcpy(&ent, &w->headers.ent, sizeof ent);
+    Current cur{in.unique, &w->headers, w->payload(), w->capacity(), false};
     // The kernel puts the per-op struct in op_in and everything after it in the payload;
     // in.len counts all of it, so the struct's size is what is left.
     const size_t body = in.len >= sizeof in ? in.len - sizeof in : 0;
@@ -287,7 +284,7 @@ void FuseRing::run(Worker* w) {
       const size_t op_size = body - ent.payload_sz;
       uint8_t* start = w->payload() - op_size - sizeof in;
       std::memcpy(start, &in, sizeof in);
-      std::memcpy(start + sizeof in, w->headers->op_in, op_size);
+      std::memcpy(start + sizeof in, w->headers.op_in, op_size);
       note_request(start, in.len);
       fuse_buf buf{};
       buf.mem = start;
@@ -306,7 +303,7 @@ void FuseRing::run(Worker* w) {
 void FuseRing::stop() {
   if (!started_) return;
   started_ = false;
-  const size_t n = size_t{queues_} * per_queue_;
+  const size_t n = worker_count();
   // Unmounting ended every entry's command with ENOTCONN. A lazily unmounted, still busy
   // mount keeps its connection: then the threads are left to the process exit.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
@@ -328,7 +325,7 @@ void FuseRing::stop() {
 uint64_t FuseRing::served() const {
   uint64_t s = 0;
   if (!workers_) return 0;
-  for (size_t i = 0; i < size_t{queues_} * per_queue_; ++i) s += workers_[i].served.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < worker_count(); ++i) s += workers_[i].served.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -65,6 +65,7 @@ class FuseRing {
   struct Worker;
   FuseRing() = default;
   void run(Worker* w);
+  size_t worker_count() const { return size_t{queues_} * per_queue_; }
 
   fuse_session* se_ = nullptr;
   int dev_fd_ = -1;
