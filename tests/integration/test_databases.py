@@ -96,11 +96,13 @@ class Fio(VolumeTest):
     def test_io_uring_direct_with_verify(self):
         r = run(["fio", "--name=verify", f"--directory={self.vol.mnt}", "--ioengine=io_uring", "--direct=1",
                  "--rw=randrw", "--bs=4k", "--size=32m", "--iodepth=16", "--numjobs=2",
-                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting"])
+                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
+                 # fio would otherwise leave its verify state files in the current directory
+                 "--verify_state_save=0"])
         self.assertIn("verify", r.stdout)
         r = run(["fio", "--name=seq", f"--directory={self.vol.mnt}", "--ioengine=io_uring", "--direct=1",
                  "--rw=write", "--bs=1m", "--size=64m", "--iodepth=4", "--verify=md5", "--do_verify=1",
-                 "--verify_fatal=1"])
+                 "--verify_fatal=1", "--verify_state_save=0"])
         self.assertNotIn("verify failed", r.stdout + r.stderr)
 
 
