@@ -244,7 +244,32 @@ def median(values):
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
-HIGHER_IS_BETTER = lambda k: not k.endswith(" s") and "MiB" not in k.split(" on ")[-1] or k.endswith("MiB/s")
+def lower_is_better(metric):
+    return metric.endswith(" s")
+
+
+def best(values, metric):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return min(v) if lower_is_better(metric) else max(v)
+
+
+def ratio_cell(runs, metric, other_in_round):
+    """envelopefs against another figure, round by round: 'median (low-high)', or '-'.
+
+    A ratio above 1 always means envelopefs is better (for times, other / envelopefs)."""
+    ratios = []
+    for rnd, r in enumerate(runs["envelopefs"]):
+        mine, other = r.get(metric), other_in_round(rnd)
+        if not mine or not other:
+            continue
+        ratios.append(other / mine if lower_is_better(metric) else mine / other)
+    if not ratios:
+        return "-"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def fmt(v):
@@ -253,6 +278,43 @@ def fmt(v):
     if isinstance(v, float) and v < 100:
         return f"{v:.2f}"
     return f"{v:,.0f}"
+
+
+def render(runs, repeat):
+    """The markdown tables: each metric's median per filesystem, then envelopefs' ratios."""
+    results = {name: {k: median([r.get(k) for r in rs]) for k in rs[0]} for name, rs in runs.items()}
+    keys = []
+    for r in results.values():
+        keys += [k for k in r if k not in keys]
+    names = list(results)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(fmt(results[n].get(k)) for n in names) + " |")
+    peers = [n for n in names if n in ("gocryptfs", "securefs")]
+
+    def in_round(name, rnd):
+        rs = runs.get(name, [])
+        return rs[rnd] if rnd < len(rs) else {}
+
+    if "envelopefs" in results:
+        lines.append("")
+        lines.append("| metric | envelopefs / best peer | envelopefs / passthrough | "
+                     "envelopefs / passthrough-wb | envelopefs / ext4 |")
+        lines.append("|---|---|---|---|---|")
+        for k in keys:
+            e = results["envelopefs"].get(k)
+            if k.startswith("daemon") or k.startswith("page cache") or e is None:
+                continue
+            cells = [ratio_cell(runs, k, lambda rnd: best([in_round(p, rnd).get(k) for p in peers], k))]
+            for other in ("passthrough", "passthrough-wb", "ext4"):
+                cells.append(ratio_cell(runs, k, lambda rnd, o=other: in_round(o, rnd).get(k)))
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if repeat > 1:
+        lines.append("")
+        lines.append(f"Medians of {repeat} rounds, each running every filesystem once in turn. A ratio "
+                     "is the median of the rounds' own ratios (a round's two figures are minutes apart, "
+                     "not a whole run), with their range in brackets: a wide range is a noisy column.")
+    return "\n".join(lines)
 
 
 def main():
@@ -326,41 +388,7 @@ def main():
                 print(json.dumps(r), file=sys.stderr)
             finally:
                 fs.unmount()
-    results = {name: {k: median([r.get(k) for r in rs]) for k in rs[0]} for name, rs in runs.items()}
-    keys = []
-    for r in results.values():
-        keys += [k for k in r if k not in keys]
-    names = list(results)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(fmt(results[n].get(k)) for n in names) + " |")
-    peers = [n for n in names if n in ("gocryptfs", "securefs")]
-    if "envelopefs" in results:
-        lines.append("")
-        lines.append("| metric | envelopefs / best peer | envelopefs / passthrough | "
-                     "envelopefs / passthrough-wb | envelopefs / ext4 |")
-        lines.append("|---|---|---|---|---|")
-        e = results["envelopefs"]
-        for k in keys:
-            if k.startswith("daemon") or k.startswith("page cache") or e.get(k) is None:
-                continue
-            lower_better = k.endswith(" s")
-            def ratio(other):
-                if other is None or not e.get(k):
-                    return "-"
-                return f"{(other / e[k]) if lower_better else (e[k] / other):.2f}x"
-            best = None
-            for p in peers:
-                v = results[p].get(k)
-                if v is not None:
-                    best = v if best is None else (min(best, v) if lower_better else max(best, v))
-            lines.append(f"| {k} | {ratio(best)} | {ratio(results.get('passthrough', {}).get(k))} | "
-                         f"{ratio(results.get('passthrough-wb', {}).get(k))} | "
-                         f"{ratio(results.get('ext4', {}).get(k))} |")
-    if a.repeat > 1:
-        lines.append("")
-        lines.append(f"Medians of {a.repeat} rounds, each running every filesystem once in turn.")
-    table = "\n".join(lines)
+    table = render(runs, a.repeat)
     print(table)
     if a.out:
         with open(a.out, "w") as f:
