@@ -87,6 +87,31 @@ bool want_ring(const MountOptions& o, std::string* why) {
   return true;
 }
 
+// The FUSE session and what has been done to it so far, undone in reverse order on every way
+// out of serve(), the failed starts included.
+class SessionGuard {
+ public:
+  explicit SessionGuard(fuse_session* se) : se_(se) {}
+  SessionGuard(const SessionGuard&) = delete;
+  SessionGuard& operator=(const SessionGuard&) = delete;
+  ~SessionGuard() {
+    unmount();
+    if (handlers_) fuse_remove_signal_handlers(se_);
+    fuse_session_destroy(se_);
+  }
+  bool install_signal_handlers() { return handlers_ = fuse_set_signal_handlers(se_) == 0; }
+  bool mount(const std::string& at) { return mounted_ = fuse_session_mount(se_, at.c_str()) == 0; }
+  void unmount() {
+    if (mounted_) fuse_session_unmount(se_);
+    mounted_ = false;
+  }
+
+ private:
+  fuse_session* se_;
+  bool handlers_ = false;
+  bool mounted_ = false;
+};
+
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
   // The kernel has already applied the caller's umask to every mode it sends; ours must not
@@ -118,24 +143,16 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (!why.empty()) return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
   fuse_session* se = fuse_session_new(&args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &fs);
   if (se == nullptr) return fail(ready, o.foreground, "cannot start a FUSE session (bad -o option?)");
-  if (fuse_set_signal_handlers(se) != 0) {
-    fuse_session_destroy(se);
-    return fail(ready, o.foreground, "cannot install signal handlers");
-  }
-  if (fuse_session_mount(se, o.mountpoint.c_str()) != 0) {
-    fuse_remove_signal_handlers(se);
-    fuse_session_destroy(se);
+  SessionGuard session(se);
+  if (!session.install_signal_handlers()) return fail(ready, o.foreground, "cannot install signal handlers");
+  if (!session.mount(o.mountpoint)) {
     return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
   }
+  // Declared after the guard: its workers are gone before the session is destroyed.
   std::unique_ptr<FuseRing> ring;
   if (use_ring) {
     ring = FuseRing::create(se, static_cast<unsigned>(o.threads), &why);
-    if (!ring) {
-      fuse_session_unmount(se);
-      fuse_remove_signal_handlers(se);
-      fuse_session_destroy(se);
-      return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
-    }
+    if (!ring) return fail(ready, o.foreground, "--fuse-transport io_uring: " + why);
   }
   if (!install_fuse_channel(se, ring.get())) {
     log_error("cannot wrap the FUSE channel; every write will cost a GETXATTR round trip");
@@ -163,13 +180,11 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
   int rc = fuse_session_loop_mt(se, cfg);
   fuse_loop_cfg_destroy(cfg);
-  fuse_session_unmount(se);
+  session.unmount();
   if (ring && ring->used()) {
     ring->stop();
     log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
   }
-  fuse_remove_signal_handlers(se);
-  fuse_session_destroy(se);
   log_info("unmounted " + o.mountpoint + "; keys zeroized");
   return rc == 0 ? 0 : 1;
 }
