@@ -638,6 +638,19 @@ Status Filesystem::fsyncdir(uint64_t ino) {
   return sync_parent_if_needed(**dir);
 }
 
+namespace {
+
+// Attributes the volume does not store. system.* are POSIX ACLs, which the kernel checks itself
+// under default_permissions. security.capability would be file capabilities, which a FUSE
+// mount does not honour by default (nosuid) and which FUSE_HANDLE_KILLPRIV_V2 would oblige us
+// to strip on every write, chown and truncate: refused, so a copy tool warns instead of
+// storing one that means nothing.
+bool unsupported_xattr(std::string_view name) {
+  return name.rfind("system.", 0) == 0 || name == "security.capability";
+}
+
+}  // namespace
+
 Status Filesystem::statfs(struct statvfs* out) {
   auto root = inode(1);
   if (!root.ok()) return root.status();
@@ -649,7 +662,7 @@ Status Filesystem::statfs(struct statvfs* out) {
 Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(EOPNOTSUPP, "setxattr");
+  if (unsupported_xattr(name)) return Status::Io(EOPNOTSUPP, "setxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ERANGE, "xattr name too long");
   auto val = encrypt_xattr_value(*keys_, *enc, value);
@@ -663,12 +676,13 @@ Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int 
 Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (std::string_view(name).rfind("system.", 0) == 0) return Status::Io(ENODATA, "getxattr");
+  // This is also the answer to the kernel's question before the first write to each file
+  // ("any security.capability to strip?", fs/fuse_channel.h), without touching the disk.
+  if (unsupported_xattr(name)) return Status::Io(ENODATA, "getxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
-  // The kernel asks for security.capability at the first write to each file (fs/fuse_channel.h),
-  // which is open then: its descriptor saves a path walk through /proc, and the size probe
-  // saves a 64 KiB buffer in the usual case of no such attribute.
+  // An open file's descriptor saves a path walk through /proc, and the size probe saves a
+  // 64 KiB buffer in the usual case of no such attribute.
   std::shared_ptr<OpenFile> of = (*i)->type == S_IFREG ? opened(**i) : nullptr;
   std::string path = of ? std::string() : proc_path((*i)->fd);
   auto get = [&](void* buf, size_t size) {

@@ -454,6 +454,23 @@ class FileOps(VolumeTest):
         with self.assertRaises(OSError):
             os.setxattr(p, "user.b", b"v", os.XATTR_CREATE)
 
+    def test_file_capabilities_are_refused(self):
+        # Not stored (README "POSIX behaviour"): the kernel's question before a file's first
+        # write is answered without the disk, and no capability outlives a write.
+        p = self.vol.path("cap")
+        write_file(p, b"#!/bin/sh\n")
+        cap = bytes.fromhex("0100000200200000000000000000000000000000")  # v2, cap_net_raw
+        with self.assertRaises(OSError) as cm:
+            os.setxattr(p, "security.capability", cap)
+        self.assertEqual(cm.exception.errno, errno.EOPNOTSUPP)
+        with self.assertRaises(OSError) as cm:
+            os.getxattr(p, "security.capability")
+        self.assertEqual(cm.exception.errno, errno.ENODATA)
+        self.assertEqual(os.listxattr(p), [])
+        with open(p, "ab") as f:  # and writing still works after the kernel asked
+            f.write(b"exit 0\n")
+        self.assertEqual(read_file(p), b"#!/bin/sh\nexit 0\n")
+
     def test_flock_and_posix_locks(self):
         p = self.vol.path("lock")
         write_file(p, b"x")
