@@ -51,14 +51,16 @@ class Volume:
     def path(self, *parts):
         return os.path.join(self.mnt, *parts)
 
-    def mount(self, *args):
+    def mount(self, *args, transport=TRANSPORT):
+        """Mounts with `args`, through `transport` (the ctest variant's unless the args name one;
+        None: no --fuse-transport at all, the daemon's default)."""
         args = list(args)
         if "--fuse-transport" in args:
             self.transport = args[args.index("--fuse-transport") + 1]
         else:
-            self.transport = TRANSPORT
-            if TRANSPORT:
-                args[:0] = ["--fuse-transport", TRANSPORT]
+            self.transport = transport
+            if transport:
+                args[:0] = ["--fuse-transport", transport]
         run([BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
         assert is_mounted(self.mnt)
 

@@ -80,12 +80,10 @@ class FuseRing(VolumeTest):
         self.assertEqual(open(URING_SWITCH).read().strip(), "Y")
         for args in ((), ("--fuse-transport", "dev")):
             self.vol.unmount()
-            run([BIN, "mount", "--log-file", self.vol.log, *args, self.vol.cipher, self.vol.mnt])
+            self.vol.mount(*args, transport=None)
             with open(self.vol.path("x"), "wb") as f:
                 f.write(b"through /dev/fuse")
-            pid = self.vol.daemon_pid()
-            run([BIN, "unmount", self.vol.mnt])
-            self.vol._wait_gone(pid)
+            self.vol.unmount()
             self.assertIsNone(self.vol.ring_served())
             self.vol.mount()
             self.assertEqual(read_file(self.vol.path("x")), b"through /dev/fuse")
