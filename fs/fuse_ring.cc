@@ -248,6 +248,7 @@ void FuseRing::run(Worker* w) {
   int rc = submit_cmd(&w->ring, dev_fd_, kCmdRegister, w->qid, 0, w->iov);
   // A queue whose every entry is gone would leave its CPU's callers waiting for ever, so an
   // entry lost to an unexpected error is registered again (a bounded number of times).
+  constexpr int kMaxReregistrations = 16;
   int reregistered = 0;
   while (rc >= 0) {
     io_uring_cqe* cqe = nullptr;
@@ -263,8 +264,8 @@ void FuseRing::run(Worker* w) {
       // ENOTCONN/ECANCELED: the mount is going away.
       if (res == -ENOTCONN || res == -ECANCELED) break;
       log_error(std::string("FUSE over io_uring: queue ") + std::to_string(w->qid) + ": " + std::strerror(-res) +
-                (reregistered < 16 ? "; registering the entry again" : "; giving up this entry"));
-      if (reregistered++ >= 16) break;
+                (reregistered < kMaxReregistrations ? "; registering the entry again" : "; giving up this entry"));
+      if (reregistered++ >= kMaxReregistrations) break;
       rc = submit_cmd(&w->ring, dev_fd_, kCmdRegister, w->qid, 0, w->iov);
       continue;
     }

@@ -456,7 +456,7 @@ class FileOps(VolumeTest):
 
     def test_file_capabilities_are_refused(self):
         # Not stored (README "POSIX behaviour"): the kernel's question before a file's first
-        # write is answered without the disk, and no capability outlives a write.
+        # write is answered without the disk, and there is never a capability to strip.
         p = self.vol.path("cap")
         write_file(p, b"#!/bin/sh\n")
         cap = bytes.fromhex("0100000200200000000000000000000000000000")  # v2, cap_net_raw
