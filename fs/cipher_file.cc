@@ -51,7 +51,7 @@ CipherFile::~CipherFile() {
   // Space reserved past the end goes back when the last user closes the file (on ext4 a
   // truncate to the current size frees blocks preallocated beyond it).
   const uint64_t backing = layout_.backing_size(size_);
-  if (reserved_end_ > backing) (void)io_.truncate(fd_, backing);
+  if (reserved_end_ > backing && !keep_past_end_) (void)io_.truncate(fd_, backing);
   g_cached_pages.fetch_sub(pages_.size());
 }
 
@@ -535,6 +535,61 @@ Status CipherFile::write(uint64_t offset, ByteView data) {
 
 Status CipherFile::truncate(uint64_t new_size) {
   std::unique_lock lock(rw_);
+  return truncate_locked(new_size);
+}
+
+Status CipherFile::allocate(uint64_t offset, uint64_t len, bool keep_size) {
+  std::unique_lock lock(rw_);
+  if (len == 0) return Status::Ok();
+  const uint64_t end = offset + len;
+  // Whole groups from the first block's metadata page on: the pages a growth writes fall in the
+  // reserved range too. Reserving first means running out of space changes nothing.
+  const uint64_t from = layout_.page_offset(Layout::page_of(offset / layout_.block_size()));
+  const uint64_t to = layout_.backing_size(end);
+  ENVELOPEFS_RETURN_IF_ERROR(io_.reserve(fd_, from, to - from));
+  if (keep_size) {
+    // Asked for past the end: the space stays reserved after the last close too, as on the
+    // backing filesystem (only the step reserved ahead of growing writes is given back).
+    if (to > layout_.backing_size(size_)) keep_past_end_ = true;
+    if (from <= reserved_end_) reserved_end_ = std::max(reserved_end_, to);  // contiguous only
+    return Status::Ok();
+  }
+  if (end <= size_) return Status::Ok();
+  const uint64_t old_size = size_;
+  ENVELOPEFS_RETURN_IF_ERROR(truncate_locked(end));
+  reserved_end_ = std::max(reserved_end_, to);
+  // Only a speed-up: the file is complete without it, so a failure here is not the caller's.
+  if (end - old_size <= kZeroFillMax) (void)zero_fill(layout_.block_count(old_size), layout_.block_count(end));
+  return Status::Ok();
+}
+
+Status CipherFile::zero_fill(uint64_t first, uint64_t end) {
+  // The entries of these blocks say "hole" already (written by the growth before this), so
+  // what their data areas hold is never read: zeros here only turn the backing filesystem's
+  // unwritten extents into written ones. A crash part way leaves holes that read as zeros.
+  const uint32_t bs = layout_.block_size();
+  AlignedBuffer zeros(kBlocksPerGroup * bs);
+  std::memset(zeros.data(), 0, kBlocksPerGroup * bs);
+  std::vector<IoRequest> batch;
+  for (uint64_t b = first; b < end;) {
+    const uint64_t stop = std::min(end, (Layout::page_of(b) + 1) * kBlocksPerGroup);
+    IoRequest q;
+    q.buf = zeros.data();
+    q.offset = layout_.data_offset(b);
+    q.len = layout_.data_offset(stop - 1) + layout_.block_length(stop - 1, size_) - q.offset;
+    q.write = true;
+    batch.push_back(q);
+    b = stop;
+    if (batch.size() == 32 || b == end) {  // 32 groups: 4 MiB of zeros per submission at 4 KiB blocks
+      route(batch);
+      ENVELOPEFS_RETURN_IF_ERROR(io_.run(batch));
+      batch.clear();
+    }
+  }
+  return Status::Ok();
+}
+
+Status CipherFile::truncate_locked(uint64_t new_size) {
   const uint32_t bs = layout_.block_size();
   const uint64_t old_size = size_;
   if (new_size == old_size) {

@@ -583,16 +583,13 @@ Status Filesystem::fallocate(uint64_t ino, int mode, uint64_t off, uint64_t len)
   std::shared_ptr<OpenFile> of = opened(**i);
   if (!of) return Status::Io(EBADF, "fallocate");
   CipherFile& f = *of->file;
-  if (mode == 0) {
-    if (off + len > f.size()) return f.truncate(off + len);
-    return Status::Ok();
-  }
-  if (mode == FALLOC_FL_KEEP_SIZE) return Status::Ok();
+  const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
+  if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE) return f.allocate(off, len, keep_size);
   if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) return f.punch_hole(off, len);
   if (mode == FALLOC_FL_ZERO_RANGE || mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
+    // Zeros as authenticated holes, and the range's space reserved as fallocate(2) promises.
     ENVELOPEFS_RETURN_IF_ERROR(f.punch_hole(off, len));
-    if (!(mode & FALLOC_FL_KEEP_SIZE) && off + len > f.size()) return f.truncate(off + len);
-    return Status::Ok();
+    return f.allocate(off, len, keep_size);
   }
   return Status::Io(EOPNOTSUPP, "fallocate mode");
 }

@@ -1,6 +1,9 @@
 // fs/ block format without a mount: round trips, tampering, holes, the two-slot rule.
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -376,6 +379,96 @@ TEST(CipherFile, NoSpaceLeavesOldContentAndSize) {
   auto g = fx.reopen("f");
   ASSERT_TRUE(g.ok());
   EXPECT_EQ(read_all(**g), data);
+}
+
+TEST(CipherFile, AllocateOutOfSpaceChangesNothing) {
+  Fixture fx;
+  test::FaultBackend faulty(*fx.io);
+  std::mt19937_64 rng(6);
+  Bytes data = random_bytes(rng, 3 * 4096 + 7);
+  auto f = fx.create("f", &faulty);
+  ASSERT_TRUE(f->write(0, data).ok());
+  faulty.set(test::FaultBackend::Mode::kFailReserve, ENOSPC);
+  for (bool keep : {false, true}) {
+    Status st = f->allocate(0, 8 << 20, keep);
+    EXPECT_EQ(st.code(), Code::kNoSpace);
+    EXPECT_EQ(f->size(), data.size());
+  }
+  faulty.set(test::FaultBackend::Mode::kPass);
+  EXPECT_EQ(read_all(*f), data);
+  struct stat bst;
+  ASSERT_EQ(stat(fx.dir.sub("f").c_str(), &bst), 0);
+  EXPECT_EQ(static_cast<uint64_t>(bst.st_size), Layout(4096).backing_size(data.size()));
+}
+
+// Extents of a backing file that are reserved but unwritten (FIEMAP), -1 where the backing
+// filesystem cannot tell.
+int unwritten_extents(int fd) {
+  alignas(struct fiemap) uint8_t buf[sizeof(struct fiemap) + 512 * sizeof(struct fiemap_extent)];
+  int count = 0;
+  uint64_t start = 0;
+  for (;;) {
+    std::memset(buf, 0, sizeof buf);
+    auto* fm = reinterpret_cast<struct fiemap*>(buf);
+    fm->fm_start = start;
+    fm->fm_length = FIEMAP_MAX_OFFSET;
+    fm->fm_flags = FIEMAP_FLAG_SYNC;
+    fm->fm_extent_count = 512;
+    if (ioctl(fd, FS_IOC_FIEMAP, fm) != 0) return -1;
+    if (fm->fm_mapped_extents == 0) return count;
+    for (uint32_t k = 0; k < fm->fm_mapped_extents; ++k) {
+      const auto& e = fm->fm_extents[k];
+      if (e.fe_flags & FIEMAP_EXTENT_UNWRITTEN) ++count;
+      if (e.fe_flags & FIEMAP_EXTENT_LAST) return count;
+      start = e.fe_logical + e.fe_length;
+    }
+  }
+}
+
+TEST(CipherFile, AllocateGrowsWithSpaceReservedAndSmallGrowthsWritten) {
+  Fixture fx;
+  std::mt19937_64 rng(7);
+  Bytes data = random_bytes(rng, 10000);
+  auto f = fx.create("f");
+  ASSERT_TRUE(f->write(0, data).ok());
+  ASSERT_TRUE(f->allocate(4096, 8 << 20, false).ok());
+  ASSERT_EQ(f->size(), 4096u + (8 << 20));
+  Bytes want = data;
+  want.resize(f->size(), 0);
+  EXPECT_EQ(read_all(*f), want);
+  struct stat bst;
+  ASSERT_EQ(fstat(f->fd(), &bst), 0);
+  EXPECT_GE(static_cast<uint64_t>(bst.st_blocks) * 512, static_cast<uint64_t>(bst.st_size));
+  // A growth up to kZeroFillMax has its data areas written: no unwritten extents left for the
+  // writes that follow to convert. Past it, the space is only reserved.
+  const int small = unwritten_extents(f->fd());
+  if (small < 0) GTEST_SKIP() << "the backing filesystem does not report extents";
+  EXPECT_EQ(small, 0);
+  ASSERT_TRUE(f->allocate(f->size(), CipherFile::kZeroFillMax + 4096, false).ok());
+  EXPECT_GT(unwritten_extents(f->fd()), 0);
+  f.reset();
+  auto g = fx.reopen("f");
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ((*g)->size(), want.size() + CipherFile::kZeroFillMax + 4096);
+  Bytes head(want.size());
+  ASSERT_TRUE((*g)->read(0, head).ok());
+  EXPECT_EQ(head, want);
+}
+
+TEST(CipherFile, AllocateKeepSizeReservesPastTheEndAndKeepsItAfterClose) {
+  Fixture fx;
+  auto f = fx.create("f");
+  ASSERT_TRUE(f->write(0, Bytes(100, 0x5a)).ok());
+  ASSERT_TRUE(f->allocate(0, 4 << 20, true).ok());
+  EXPECT_EQ(f->size(), 100u);
+  f.reset();
+  struct stat bst;
+  ASSERT_EQ(stat(fx.dir.sub("f").c_str(), &bst), 0);
+  EXPECT_EQ(bst.st_size, 4096 + 100);
+  EXPECT_GE(static_cast<uint64_t>(bst.st_blocks) * 512, uint64_t{4} << 20);
+  auto g = fx.reopen("f");
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(read_all(**g), Bytes(100, 0x5a));
 }
 
 // Space reserved ahead of a growing file is returned at close: a file must not keep a MiB of

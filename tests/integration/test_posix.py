@@ -8,8 +8,8 @@ import os
 import stat
 import subprocess
 
-from common import (BIN, Volume, VolumeTest, fallocate, main, rand_bytes, read_file, renameat2,
-                    run, write_file)
+from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, main, rand_bytes, read_file,
+                    renameat2, run, write_file)
 
 SIZES = [0, 1, 100, 4095, 4096, 4097, 31 * 4096 - 1, 31 * 4096, 31 * 4096 + 1, (1 << 20) + 3, 5 << 20]
 
@@ -406,6 +406,61 @@ class FileOps(VolumeTest):
         want = bytearray(rand_bytes(100000, 1) + bytes(200000))
         want[8192:8192 + 16384] = bytes(16384)
         self.assertEqual(data, bytes(want))
+
+    def backing_of(self, path):
+        ino = os.stat(path).st_ino
+        found = [b for b in self.vol.backing_files() if os.stat(b).st_ino == ino]
+        self.assertEqual(len(found), 1)
+        return found[0]
+
+    def test_fallocate_reserves_backing_space(self):
+        # posix_fallocate promises that writes into the range will not run out of space: the
+        # backing file must really hold the blocks, not be grown sparse.
+        p = self.vol.path("prealloc")
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        os.write(fd, b"head")
+        os.posix_fallocate(fd, 0, 8 << 20)
+        self.assertEqual(os.fstat(fd).st_size, 8 << 20)
+        back = os.stat(self.backing_of(p))
+        self.assertGreaterEqual(back.st_blocks * 512, back.st_size)
+        # KEEP_SIZE past the end: reserved, size unchanged, and still reserved after close.
+        q = self.vol.path("keep")
+        fd2 = os.open(q, os.O_RDWR | os.O_CREAT, 0o644)
+        fallocate(fd2, 0x01, 0, 4 << 20)  # FALLOC_FL_KEEP_SIZE
+        self.assertEqual(os.fstat(fd2).st_size, 0)
+        os.close(fd2)
+        self.assertGreaterEqual(os.stat(self.backing_of(q)).st_blocks * 512, 4 << 20)
+        self.assertEqual(read_file(q), b"")
+        os.pwrite(fd, b"tail", (8 << 20) - 4)
+        os.close(fd)
+        self.vol.remount()
+        data = read_file(p)
+        self.assertEqual(data, b"head" + bytes((8 << 20) - 8) + b"tail")
+
+    def test_fallocate_without_space_fails_and_changes_nothing(self):
+        vol = Volume(init=False)
+        try:
+            os.mkdir(vol.cipher)
+            run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", vol.cipher])
+            run([BIN, "init", "--kms", "file:" + vol.key, vol.cipher])
+            vol.mount()
+            p = vol.path("f")
+            write_file(p, b"before")
+            fd = os.open(p, os.O_RDWR)
+            try:
+                with self.assertRaises(OSError) as cm:
+                    os.posix_fallocate(fd, 0, 64 << 20)
+                self.assertEqual(cm.exception.errno, errno.ENOSPC)
+                self.assertEqual(os.fstat(fd).st_size, 6)
+            finally:
+                os.close(fd)
+            vol.remount()
+            self.assertEqual(read_file(p), b"before")
+        finally:
+            if is_mounted(vol.mnt):
+                vol.unmount()
+            subprocess.run(["umount", vol.cipher], capture_output=True)
+            vol.cleanup()
 
     def test_o_append(self):
         p = self.vol.path("log")
