@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -28,6 +30,40 @@ struct FdGuard {
     if (fd >= 0) close(fd);
   }
 };
+
+Status stat_with_deferred_times(int fd, const DeferredTimes& t, struct stat* out) {
+  // A stat of an open file with deferred times (DeferredTimes, fs/inode_table.h). Without
+  // STATX_MTIME|STATX_CTIME when the deferred times replace both: a backing filesystem with
+  // multigrain timestamps (ext4 since Linux 6.13) would otherwise note that they were looked
+  // at and give the file's next write a fine-grained time, marking its inode dirty again,
+  // which is what deferring the times avoids.
+  const bool has_mtime = t.mtime.tv_nsec != UTIME_OMIT;
+  unsigned mask = STATX_BASIC_STATS;
+  if (has_mtime) mask &= ~(STATX_MTIME | STATX_CTIME);
+  struct statx x;
+  if (statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, mask, &x) != 0) return errno_status("stat");
+  *out = {};
+  out->st_dev = makedev(x.stx_dev_major, x.stx_dev_minor);
+  out->st_ino = x.stx_ino;
+  out->st_mode = x.stx_mode;
+  out->st_nlink = x.stx_nlink;
+  out->st_uid = x.stx_uid;
+  out->st_gid = x.stx_gid;
+  out->st_rdev = makedev(x.stx_rdev_major, x.stx_rdev_minor);
+  out->st_size = static_cast<off_t>(x.stx_size);
+  out->st_blksize = x.stx_blksize;
+  out->st_blocks = static_cast<blkcnt_t>(x.stx_blocks);
+  auto ts = [](const statx_timestamp& s) { return timespec{s.tv_sec, static_cast<long>(s.tv_nsec)}; };
+  out->st_atim = t.atime.tv_nsec != UTIME_OMIT ? t.atime : ts(x.stx_atime);
+  out->st_mtim = has_mtime ? t.mtime : ts(x.stx_mtime);
+  out->st_ctim = t.ctime;
+  const timespec backing_ctime = ts(x.stx_ctime);
+  if (!has_mtime && (backing_ctime.tv_sec > t.ctime.tv_sec ||
+                     (backing_ctime.tv_sec == t.ctime.tv_sec && backing_ctime.tv_nsec > t.ctime.tv_nsec))) {
+    out->st_ctim = backing_ctime;  // changed since (chmod, a write): the later of the two
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 
@@ -105,13 +141,17 @@ Result<int> Filesystem::open_dir_fd(Inode& dir) {
 }
 
 Status Filesystem::stat_inode(Inode& inode, struct stat* out, const struct stat* fresh) {
-  if (fresh != nullptr) {
+  std::shared_ptr<OpenFile> open = inode.type == S_IFREG ? opened(inode) : nullptr;
+  std::unique_lock<std::mutex> times_lock;
+  if (open) times_lock = std::unique_lock(open->times_mu);  // deferred times and stat agree
+  if (open && open->deferred) {
+    ENVELOPEFS_RETURN_IF_ERROR(stat_with_deferred_times(inode.fd, *open->deferred, out));
+  } else if (fresh != nullptr && !open) {
     *out = *fresh;
   } else if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
     return errno_status("stat");
   }
   if (S_ISREG(out->st_mode)) {
-    std::shared_ptr<OpenFile> open = opened(inode);
     uint64_t backing = static_cast<uint64_t>(out->st_size);
     out->st_size = static_cast<off_t>(open ? open->file->size()
                                            : backing < kMetaPageSize ? 0 : layout_.plaintext_size(backing));
@@ -219,19 +259,29 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
     release(ino);
     ENVELOPEFS_RETURN_IF_ERROR(st);
   }
-  // FUSE_SET_ATTR_ATIME(4) MTIME(5) ATIME_NOW(7) MTIME_NOW(8)
-  if ((to_set & ((1 << 4) | (1 << 5) | (1 << 7) | (1 << 8))) && !is_link) {
-    struct timespec ts[2];
+  // FUSE_SET_ATTR_ATIME(4) MTIME(5) ATIME_NOW(7) MTIME_NOW(8); CTIME(10) comes with them
+  // from the kernel's own time updates, and the backing filesystem sets ctime itself.
+  constexpr int kTimes = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8), kCtime = 1 << 10;
+  if ((to_set & kTimes) && !is_link) {
+    timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    timespec ts[2];
     ts[0].tv_nsec = ts[1].tv_nsec = UTIME_OMIT;
-    if (to_set & (1 << 7)) ts[0].tv_nsec = UTIME_NOW;
+    if (to_set & (1 << 7)) ts[0] = now;
     else if (to_set & (1 << 4)) ts[0] = attr.st_atim;
-    if (to_set & (1 << 8)) ts[1].tv_nsec = UTIME_NOW;
+    if (to_set & (1 << 8)) ts[1] = now;
     else if (to_set & (1 << 5)) ts[1] = attr.st_mtim;
-    // An open file (the writeback cache's time updates, one per fsync or close of a written
-    // file) takes futimens on its descriptor; the /proc path costs a lookup of its own.
     std::shared_ptr<OpenFile> of = i.type == S_IFREG ? opened(i) : nullptr;
-    const int rc = of ? futimens(of->fd, ts) : utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0);
-    if (rc != 0) return errno_status("utimens");
+    if (of && options_.writeback_cache && (to_set & ~(kTimes | kCtime)) == 0) {
+      // Times alone, of an open file: kept until its close or a full fsync (DeferredTimes).
+      of->defer_times(ts, (to_set & kCtime) ? attr.st_ctim : now);
+      return stat_inode(i, out);
+    }
+    if (of) {
+      ENVELOPEFS_RETURN_IF_ERROR(of->set_times(ts));  // its descriptor saves a /proc lookup
+    } else if (utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0) != 0) {
+      return errno_status("utimens");
+    }
   }
   return stat_inode(i, out);
 }
@@ -573,6 +623,7 @@ Status Filesystem::fsync(uint64_t ino, bool datasync) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
   std::shared_ptr<OpenFile> of = opened(**i);
+  if (of && !datasync) ENVELOPEFS_RETURN_IF_ERROR(of->apply_deferred_times());
   if (of) ENVELOPEFS_RETURN_IF_ERROR(of->file->sync(datasync));
   return sync_parent_if_needed(**i);
 }

@@ -1,12 +1,38 @@
 #include "fs/inode_table.h"
 
 #include "fs/fuse_ops.h"
+#include "fs/log.h"
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace envelopefs {
 
+void OpenFile::defer_times(const timespec times[2], const timespec& ctime) {
+  std::lock_guard lock(times_mu);
+  if (!deferred) deferred.emplace();
+  if (times[0].tv_nsec != UTIME_OMIT) deferred->atime = times[0];
+  if (times[1].tv_nsec != UTIME_OMIT) deferred->mtime = times[1];
+  deferred->ctime = ctime;
+}
+
+Status OpenFile::set_times(const timespec times[2]) {
+  std::lock_guard lock(times_mu);
+  timespec ts[2] = {times[0], times[1]};
+  if (deferred) {
+    if (ts[0].tv_nsec == UTIME_OMIT) ts[0] = deferred->atime;
+    if (ts[1].tv_nsec == UTIME_OMIT) ts[1] = deferred->mtime;
+  }
+  if ((ts[0].tv_nsec != UTIME_OMIT || ts[1].tv_nsec != UTIME_OMIT) && futimens(fd, ts) != 0) {
+    return Status::Io(errno, "utimens");
+  }
+  deferred.reset();
+  return Status::Ok();
+}
+
 OpenFile::~OpenFile() {
+  if (deferred && apply_deferred_times().ok() == false) {
+    log_error_rate_limited("close: could not set a file's times on its backing file");
+  }
   file.reset();
   if (fd >= 0) close(fd);
   if (direct_fd >= 0) close(direct_fd);

@@ -8,6 +8,7 @@
 
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include <atomic>
 #include <map>
@@ -20,12 +21,38 @@
 
 namespace envelopefs {
 
+// File times set through the mount that the backing file does not carry yet. With the
+// writeback cache the kernel keeps a written file's mtime and ctime itself and sends them in
+// a SETATTR before every fsync and close of it. Applied at once, each marks the backing inode
+// dirty, and a backing ext4 without a journal then writes the inode block at the next
+// fdatasync too: one disk write in four of an append+fdatasync log. So an open file keeps them
+// here until a full fsync, a SETATTR that changes more than times, or its last close, and
+// stat reports them meanwhile (Filesystem::stat_inode). fdatasync need not make times durable
+// (POSIX); if the daemon dies first, the backing file keeps the time of its last write.
+struct DeferredTimes {
+  timespec atime{0, UTIME_OMIT};
+  timespec mtime{0, UTIME_OMIT};
+  timespec ctime{0, 0};  // what the kernel said, or when the SETATTR came
+};
+
 // A regular file with open handles: one backing fd and one CipherFile, shared by all handles.
 struct OpenFile {
   int fd = -1;
   int direct_fd = -1;  // the same file opened O_DIRECT (--direct-backing), or -1
   std::unique_ptr<CipherFile> file;
-  ~OpenFile();
+
+  std::mutex times_mu;  // guards `deferred`, and is held across a stat that reports it
+  std::optional<DeferredTimes> deferred;
+
+  // Keeps `times` (UTIME_NOW already resolved; UTIME_OMIT keeps what was deferred before).
+  void defer_times(const timespec times[2], const timespec& ctime);
+  // futimens with `times` (UTIME_OMIT fields take deferred ones), clearing what was deferred.
+  Status set_times(const timespec times[2]);
+  Status apply_deferred_times() {
+    const timespec omit[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+    return set_times(omit);
+  }
+  ~OpenFile();  // applies deferred times
 };
 
 struct Inode {
