@@ -30,7 +30,7 @@ Status OpenFile::set_times(const timespec times[2]) {
 }
 
 OpenFile::~OpenFile() {
-  if (deferred && apply_deferred_times().ok() == false) {
+  if (deferred && !apply_deferred_times().ok()) {
     log_error_rate_limited("close: could not set a file's times on its backing file");
   }
   file.reset();
