@@ -50,7 +50,7 @@ CipherFile::CipherFile(int fd, VolumeKeys& keys, IoBackend& io, const FileId& id
 CipherFile::~CipherFile() {
   // Space reserved past the end goes back when the last user closes the file (on ext4 a
   // truncate to the current size frees blocks preallocated beyond it).
-  const uint64_t backing = layout_.backing_size(size_);
+  const uint64_t backing = backing_end(size_);
   if (reserved_end_ > backing && !keep_past_end_) (void)io_.truncate(fd_, backing);
   g_cached_pages.fetch_sub(pages_.size());
 }
@@ -58,16 +58,16 @@ CipherFile::~CipherFile() {
 Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys, IoBackend& io) {
   FileId id;
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
-  MetaPage header = MetaPage::fresh(id, 0, keys.block_size());
-  ENVELOPEFS_RETURN_IF_ERROR(header.seal(keys));
-  IoRequest req{fd, header.data(), kMetaPageSize, 0, true, 0};
-  // No truncate (the file is new) and no stat before this write: on ext4 a truncate to zero
-  // marks the file for "replace via truncate", whose close then forces writeback (8% of the
-  // daemon's CPU in cp -r), and a stat makes the next timestamp fine-grained, which no longer
-  // equals the kernel's coarse clock, so every written file cost a SETATTR round trip at close.
-  ENVELOPEFS_RETURN_IF_ERROR(io.run({&req, 1}));
-  auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, kMetaPageSize));
-  f->cache_page(0, std::make_unique<Page>(Page{header, false}));
+  // The header is not written here: an empty backing file already reads as an empty file, and
+  // the first write, truncate or fallocate writes page 0 anyway (with its entries). Writing it
+  // at creation too cost every copied file a second 4 KiB write of the same page. Also no
+  // truncate and no stat: on ext4 a truncate to zero marks the file for "replace via
+  // truncate", whose close then forces writeback, and a stat makes the next timestamp
+  // fine-grained, so it no longer equals the kernel's coarse clock and every written file cost
+  // a SETATTR round trip at close.
+  auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, 0));
+  f->header_written_ = false;
+  f->cache_page(0, std::make_unique<Page>(Page{MetaPage::fresh(id, 0, keys.block_size()), false}));
   return f;
 }
 
@@ -81,8 +81,8 @@ Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, I
     (void)posix_fadvise(fd, 0, static_cast<off_t>(std::min<uint64_t>(prefetch, static_cast<uint64_t>(st.st_size))),
                         POSIX_FADV_WILLNEED);
   }
-  // An empty backing file is one whose creation was cut short before the header landed:
-  // it is an empty file. Anything else shorter than the header was cut by someone else.
+  // An empty backing file is a file created and never written (or whose creation was cut
+  // short): an empty file. Anything else shorter than the header was cut by someone else.
   if (st.st_size == 0) return create(fd, keys, io);
   if (static_cast<uint64_t>(st.st_size) < kMetaPageSize) {
     return Status(Code::kAuthFailed, "backing file is shorter than its header (truncated)");
@@ -138,7 +138,9 @@ Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
   if (auto it = pages_.find(index); it != pages_.end()) return &it->second->page;
   evict_if_over_budget();
   auto p = std::make_unique<Page>();
-  if (index >= layout_.page_count(size_)) {
+  if (index == 0 && !header_written_) {
+    p->page = MetaPage::fresh(id_, 0, layout_.block_size());  // not on disk yet: an empty file's
+  } else if (index >= layout_.page_count(size_)) {
     // Past the end of the file: whatever is there is stale; start a fresh page.
     if (!beyond_eof_ok) return fail(index * kBlocksPerGroup, Status(Code::kInternal, "page past end of file"));
     p->page = MetaPage::fresh(id_, index, layout_.block_size());
@@ -379,6 +381,7 @@ Status CipherFile::flush(WriteBatch& batch) {
   route(page_reqs);
   route(batch.data);
   ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(page_reqs, batch.data));
+  if (batch.dirty.contains(0)) header_written_ = true;
   std::lock_guard lock(cache_mu_);
   for (auto& [index, p] : batch.dirty) p->dirty = false;
   batch.dirty.clear();
@@ -435,11 +438,11 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   if (new_size > old_size) {
     const uint64_t to = layout_.backing_size(new_size);
     // The first write of an empty file, below one step, reserves nothing: there is no old content
-    // for a failure to spoil, and the failure path below truncates back to the bare header. A
+    // for a failure to spoil, and the failure path below truncates back to empty. A
     // fallocate per file was 8% of the daemon's syscall time in a copy of small files.
     const bool first_small_write = old_size == 0 && to <= kReserveStep;
     if (to > reserved_end_ && !first_small_write) {
-      const uint64_t from = std::max(reserved_end_, layout_.backing_size(old_size));
+      const uint64_t from = std::max(reserved_end_, backing_end(old_size));
       // Small files reserve exactly what they need (most files never reach a step, and then
       // nothing is left to trim at close); a file past one step reserves a step ahead.
       const uint64_t upto = to < kReserveStep ? to : (to + kReserveStep - 1) / kReserveStep * kReserveStep;
@@ -517,7 +520,7 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
     abandon(batch);
     if (new_size > old_size) {
       // Take back any growth so the file's end is not a half-written block.
-      (void)io_.truncate(fd_, layout_.backing_size(old_size));
+      (void)io_.truncate(fd_, backing_end(old_size));
     }
     return st;
   }
@@ -550,7 +553,7 @@ Status CipherFile::allocate(uint64_t offset, uint64_t len, bool keep_size) {
   if (keep_size) {
     // Asked for past the end: the space stays reserved after the last close too, as on the
     // backing filesystem (only the step reserved ahead of growing writes is given back).
-    if (to > layout_.backing_size(size_)) keep_past_end_ = true;
+    if (to > backing_end(size_)) keep_past_end_ = true;
     if (from <= reserved_end_) reserved_end_ = std::max(reserved_end_, to);  // contiguous only
     return Status::Ok();
   }
@@ -595,8 +598,8 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
   if (new_size == old_size) {
     // Nothing to re-seal, but the backing truncate still runs: it updates the times as a
     // truncate on ext4 does (even to the same size), and gives back space reserved past the end.
-    ENVELOPEFS_RETURN_IF_ERROR(io_.truncate(fd_, layout_.backing_size(size_)));
-    reserved_end_ = layout_.backing_size(size_);
+    ENVELOPEFS_RETURN_IF_ERROR(io_.truncate(fd_, backing_end(size_)));
+    reserved_end_ = backing_end(size_);
     return Status::Ok();
   }
   WriteBatch batch;
@@ -612,13 +615,13 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
     if (st.ok()) st = clear_entries(new_count, std::min(page_end, layout_.block_count(old_size)), batch);
   }
   if (st.ok()) st = flush(batch);
-  if (st.ok()) st = io_.truncate(fd_, layout_.backing_size(new_size));
+  if (st.ok()) st = io_.truncate(fd_, backing_end(new_size));
   if (!st.ok()) {
     abandon(batch);
     return st;
   }
   size_ = new_size;
-  reserved_end_ = layout_.backing_size(new_size);  // truncate releases what lay beyond
+  reserved_end_ = backing_end(new_size);  // truncate releases what lay beyond
   if (verified_.size() > layout_.block_count(new_size)) verified_.resize(layout_.block_count(new_size));
   std::lock_guard lock2(cache_mu_);
   const uint64_t pages = layout_.page_count(new_size);

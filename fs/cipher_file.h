@@ -21,7 +21,8 @@ struct WriteBatch;
 
 class CipherFile {
  public:
-  // Writes the header page into a new, empty backing file.
+  // A new file in an empty backing file. Nothing is written until the first change: page 0
+  // (the header) goes out with it, and a file never written stays an empty backing file.
   static Result<std::unique_ptr<CipherFile>> create(int fd, VolumeKeys& keys, IoBackend& io);
   // Reads and authenticates the header page. The fd stays owned by the caller. With
   // `prefetch`, the first `prefetch` bytes of the backing file are read ahead in the same disk
@@ -107,6 +108,11 @@ class CipherFile {
   // Writes zeros over the data areas of blocks [first, end), holes all (see kZeroFillMax).
   Status zero_fill(uint64_t first, uint64_t end);
   Status fail(uint64_t block, Status st) const;
+  // The backing length of a file of `size` bytes: 0 for an empty file whose header is not
+  // written, which is what such a file is on disk (rw_ held).
+  uint64_t backing_end(uint64_t size) const {
+    return size == 0 && !header_written_ ? 0 : layout_.backing_size(size);
+  }
 
   // Sends each aligned request through dfd_ (when set), everything else through fd_.
   void route(std::span<IoRequest> requests) const;
@@ -124,6 +130,7 @@ class CipherFile {
   std::vector<bool> verified_;
   uint64_t reserved_end_;  // backing bytes known to be allocated or reserved; guarded by rw_
   bool keep_past_end_ = false;  // fallocate(KEEP_SIZE) reserved past the end: no trim at close
+  bool header_written_ = true;  // page 0 is on disk (false for a new file until its first change)
 
   mutable std::shared_mutex rw_;
   std::mutex cache_mu_;

@@ -321,6 +321,16 @@ Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev
       return f.status();
     }
     opened->file = std::move(f).value();
+    if (options_.writeback_cache) {
+      // With the writeback cache the kernel keeps the file's mtime itself and, if its first
+      // write() moves it, sends a SETATTR at close. It stamps that write with the coarse clock
+      // raised to the latest fine-grained time handed out (multigrain timestamps, Linux 6.13+),
+      // which the creation in the backing directory has just advanced past the new inode's
+      // times. "Now" taken here is that same value, so the write() leaves the time as it is: no
+      // SETATTR round trip per copied file (5,500 of 8,151 in a cp -r of /usr/include without
+      // it). It used to come free with writing the header at creation. Only a speed-up.
+      (void)futimens(fd, nullptr);
+    }
     opened->direct_fd = open_direct(fd);
     opened->file->set_direct_fd(opened->direct_fd);
   } else if (mknodat(pfd, bn->entry.c_str(), mode, rdev) != 0) {

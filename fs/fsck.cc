@@ -81,7 +81,7 @@ class Checker {
     if (fd < 0) return problem(path, "cannot open");
     struct stat st;
     fstat(fd, &st);
-    if (st.st_size == 0) {  // creation cut short: reads as an empty file
+    if (st.st_size == 0) {  // created and never written (or cut short): an empty file
       close(fd);
       return;
     }

@@ -458,6 +458,56 @@ TEST(CipherFile, AllocateKeepSizeReservesPastTheEndAndKeepsItAfterClose) {
   EXPECT_EQ(read_all(**g), Bytes(100, 0x5a));
 }
 
+off_t backing_length(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? st.st_size : -1;
+}
+
+// A new file writes nothing until its first change (the header goes out with it), so a file
+// created and never written is an empty backing file, which reads as an empty file; a failed
+// first change leaves it so too, and the next one still writes a header that authenticates.
+TEST(CipherFile, NewFileWritesItsHeaderWithItsFirstChange) {
+  Fixture fx;
+  std::mt19937_64 rng(11);
+  auto touched = fx.create("touched");
+  ASSERT_TRUE(touched->truncate(0).ok());  // open(O_TRUNC) of the new file
+  ASSERT_TRUE(touched->sync(false).ok());
+  touched.reset();
+  EXPECT_EQ(backing_length(fx.dir.sub("touched")), 0);
+  auto t = fx.reopen("touched");
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  EXPECT_EQ((*t)->size(), 0u);
+  t->reset();
+  EXPECT_EQ(backing_length(fx.dir.sub("touched")), 0);  // opening it wrote nothing either
+
+  test::FaultBackend faulty(*fx.io);
+  auto f = fx.create("f", &faulty);
+  faulty.set(test::FaultBackend::Mode::kFailAll, EIO);
+  EXPECT_FALSE(f->write(0, random_bytes(rng, 5000)).ok());
+  EXPECT_EQ(backing_length(fx.dir.sub("f")), 0);
+  faulty.set(test::FaultBackend::Mode::kPass);
+  Bytes data = random_bytes(rng, 3 * 4096 + 9);
+  ASSERT_TRUE(f->write(0, data).ok());
+  EXPECT_EQ(backing_length(fx.dir.sub("f")), 4096 + static_cast<off_t>(data.size()));
+  f.reset();
+  auto g = fx.reopen("f");
+  ASSERT_TRUE(g.ok()) << g.status().to_string();
+  EXPECT_EQ(read_all(**g), data);
+
+  // Growth by truncate or fallocate alone writes the header (with hole entries) too.
+  auto grown = fx.create("grown");
+  ASSERT_TRUE(grown->truncate(10000).ok());
+  auto reserved = fx.create("reserved");
+  ASSERT_TRUE(reserved->allocate(0, 300000, false).ok());
+  grown.reset();
+  reserved.reset();
+  for (auto [name, size] : {std::pair{"grown", 10000u}, std::pair{"reserved", 300000u}}) {
+    auto h = fx.reopen(name);
+    ASSERT_TRUE(h.ok()) << name << ": " << h.status().to_string();
+    EXPECT_EQ(read_all(**h), Bytes(size, 0)) << name;
+  }
+}
+
 // Space reserved ahead of a growing file is returned at close: a file must not keep a MiB of
 // disk past its end (each small file of a copied tree did, before).
 TEST(CipherFile, NoSpaceOnTheFirstWriteLeavesAnEmptyFile) {
@@ -476,7 +526,7 @@ TEST(CipherFile, NoSpaceOnTheFirstWriteLeavesAnEmptyFile) {
   f.reset();
   struct stat bst;
   ASSERT_EQ(stat(fx.dir.sub("f").c_str(), &bst), 0);
-  EXPECT_EQ(bst.st_size, 4096);  // the header alone
+  EXPECT_EQ(bst.st_size, 0);  // back to an empty backing file: an empty file
   auto g = fx.reopen("f");
   ASSERT_TRUE(g.ok()) << g.status().to_string();
   EXPECT_EQ((*g)->size(), 0u);

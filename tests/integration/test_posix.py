@@ -413,6 +413,23 @@ class FileOps(VolumeTest):
         self.assertEqual(len(found), 1)
         return found[0]
 
+    def test_an_empty_new_file_writes_nothing_until_its_first_write(self):
+        # A created file's header goes out with its first change (fs/FORMAT.md): until then
+        # its backing file is empty, which is an empty file, across a remount too.
+        p = self.vol.path("touched")
+        write_file(p, b"")
+        self.assertEqual(os.path.getsize(self.backing_of(p)), 0)
+        self.vol.remount()
+        self.assertEqual(os.stat(p).st_size, 0)
+        with open(p, "rb") as f:
+            self.assertEqual(f.read(), b"")
+        with open(p, "ab") as f:
+            f.write(b"first words")
+        self.vol.remount()
+        with open(p, "rb") as f:
+            self.assertEqual(f.read(), b"first words")
+        self.assertEqual(os.path.getsize(self.backing_of(p)), 4096 + len(b"first words"))
+
     def test_fallocate_reserves_backing_space(self):
         # posix_fallocate promises that writes into the range will not run out of space: the
         # backing file must really hold the blocks, not be grown sparse.
