@@ -1,0 +1,148 @@
+"""Databases through a daemon crash: the daemon is killed with SIGKILL while SQLite and
+PostgreSQL commit transactions, the volume is mounted again, and each database must recover
+to a consistent state that holds every transaction it acknowledged. Killing the daemon loses
+what only it and the kernel's FUSE page cache held; everything an fsync returned for is in the
+backing files by then, which is what the databases' own recovery relies on."""
+import os
+import pwd
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import unittest
+
+from common import Volume, main, run
+from test_databases import pg_bin
+
+# The SQLite writer, in a child process so that the crash cannot touch the test's own state:
+# it commits numbered transactions and prints each number once COMMIT has returned.
+SQLITE_WRITER = textwrap.dedent("""
+    import sqlite3, sys
+    db, mode = sys.argv[1], sys.argv[2]
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute(f"PRAGMA journal_mode={mode}")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v BLOB)")
+    con.execute("CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY, rows INTEGER)")
+    con.execute("INSERT OR IGNORE INTO total VALUES (1, 0)")
+    n = 0
+    try:
+        while True:
+            n += 1
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t VALUES (?, randomblob(?))", (n, 100 + n % 3000))
+            con.execute("UPDATE total SET rows = rows + 1 WHERE id = 1")
+            con.execute("COMMIT")
+            print(n, flush=True)
+    except Exception as e:
+        print("stopped:", e, file=sys.stderr, flush=True)
+""")
+
+
+class DatabaseCrash(unittest.TestCase):
+    def setUp(self):
+        self.vol = Volume()
+        self.vol.mount("--allow-other")
+
+    def tearDown(self):
+        self.vol.cleanup()
+
+    def sqlite_round(self, mode):
+        db = self.vol.path(f"{mode}.db")
+        child = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, mode],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        acked = 0
+        deadline = time.time() + 60
+        # Kill once a few hundred transactions (journal files created and removed each time in
+        # DELETE mode) have been acknowledged.
+        while acked < 300 and time.time() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acked = int(line)
+        self.assertGreaterEqual(acked, 300, child.stderr.read() if child.poll() is not None else "too slow")
+        self.vol.kill9()
+        out, _ = child.communicate(timeout=60)
+        for line in out.split():
+            acked = int(line)
+        self.vol.mount("--allow-other")
+        con = sqlite3.connect(db)
+        try:
+            self.assertEqual(con.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            rows, highest = con.execute("SELECT count(*), max(n) FROM t").fetchone()
+            total = con.execute("SELECT rows FROM total").fetchone()[0]
+        finally:
+            con.close()
+        self.assertGreaterEqual(highest, acked, "an acknowledged transaction was lost")
+        self.assertEqual(rows, highest, "a gap in the committed transactions")
+        self.assertEqual(total, rows, "a transaction was half applied")
+
+    def test_sqlite_wal_survives_a_daemon_crash(self):
+        self.sqlite_round("WAL")
+
+    def test_sqlite_rollback_journal_survives_a_daemon_crash(self):
+        self.sqlite_round("DELETE")
+
+    @unittest.skipUnless(pg_bin(), "PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
+    def test_postgres_recovers_consistent_after_a_daemon_crash(self):
+        pg = pg_bin()
+        pw = pwd.getpwnam("postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        data = self.vol.path("pgdata")
+        sock = os.path.join(self.vol.root, "sock")
+        os.mkdir(data)
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+        os.mkdir(sock)
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        port = str(20000 + (os.getpid() + 7) % 20000)
+        env = ["-h", sock, "-p", port]
+        logf = os.path.join(sock, "pg.log")
+        start = [f"{pg}/pg_ctl", "-D", data, "-l", logf, "-w", "-o",
+                 f"-k {sock} -p {port} -c listen_addresses=''", "start"]
+        run(as_pg + [f"{pg}/initdb", "-D", data, "--no-instructions", "-A", "trust"])
+        run(as_pg + start)
+        with open(os.path.join(data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        try:
+            run(as_pg + ["pgbench", *env, "-i", "-s", "2", "-q", "postgres"])
+            bench = subprocess.Popen(as_pg + ["pgbench", *env, "-c", "4", "-T", "60", "postgres"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(4)
+            self.vol.kill9()
+            bench.wait(timeout=60)
+        finally:
+            # The server cannot reach its data any more: stop it and whatever it forked.
+            subprocess.run(["pkill", "-KILL", "-P", str(postmaster)], capture_output=True)
+            try:
+                os.kill(postmaster, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            Volume._wait_gone(postmaster)
+        self.vol.mount("--allow-other")
+        run(as_pg + start)  # crash recovery replays the WAL
+        try:
+            def sql(query):
+                r = run(as_pg + ["psql", *env, "-v", "ON_ERROR_STOP=1", "-tAc", query, "postgres"])
+                return r.stdout.strip()
+            # pgbench's invariant: every transaction adds the same delta to one account, its
+            # teller and branch, and records it in the history, all or nothing.
+            sums = sql("SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || "
+                       "(SELECT sum(bbalance) FROM pgbench_branches) || ' ' || "
+                       "(SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || "
+                       "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)").split()
+            self.assertEqual(len(set(sums)), 1, f"balances disagree: {sums}")
+            self.assertGreater(int(sql("SELECT count(*) FROM pgbench_history")), 0, "no transaction committed")
+            self.assertEqual(int(sql("SELECT count(*) FROM pgbench_accounts")), 200000)
+            sql("CREATE EXTENSION IF NOT EXISTS amcheck")
+            checked = sql("SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_index i "
+                          "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                          "WHERE a.amname = 'btree' AND c.relpersistence != 't') s")
+            self.assertGreater(int(checked), 10)
+        finally:
+            run(as_pg + [f"{pg}/pg_ctl", "-D", data, "-w", "-m", "fast", "stop"], check=False)
+
+
+if __name__ == "__main__":
+    main()
