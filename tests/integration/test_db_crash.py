@@ -18,12 +18,13 @@ from test_databases import pg_bin
 
 # The SQLite writer, in a child process so that the crash cannot touch the test's own state:
 # it commits numbered transactions and prints each number once COMMIT has returned.
+# Arguments: database, journal mode, synchronous level.
 SQLITE_WRITER = textwrap.dedent("""
     import sqlite3, sys
-    db, mode = sys.argv[1], sys.argv[2]
+    db, mode, sync = sys.argv[1], sys.argv[2], sys.argv[3]
     con = sqlite3.connect(db, isolation_level=None)
     con.execute(f"PRAGMA journal_mode={mode}")
-    con.execute("PRAGMA synchronous=FULL")
+    con.execute(f"PRAGMA synchronous={sync}")
     con.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, v BLOB)")
     con.execute("CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY, rows INTEGER)")
     con.execute("INSERT OR IGNORE INTO total VALUES (1, 0)")
@@ -41,6 +42,39 @@ SQLITE_WRITER = textwrap.dedent("""
 """)
 
 
+def check_sqlite_crash(test, vol, mode, sync, crash):
+    """Runs SQLITE_WRITER on `vol` until 300 transactions are acknowledged, calls `crash`,
+    mounts again, and checks the database: intact, no acknowledged transaction lost, none half
+    applied."""
+    db = vol.path(f"{mode}.db")
+    child = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, mode, sync],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked = 0
+    deadline = time.time() + 60
+    # Journal files are created and removed by each transaction in DELETE mode.
+    while acked < 300 and time.time() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            break
+        acked = int(line)
+    test.assertGreaterEqual(acked, 300, child.stderr.read() if child.poll() is not None else "too slow")
+    crash()
+    out, _ = child.communicate(timeout=60)
+    for line in out.split():
+        acked = int(line)
+    vol.mount("--allow-other")
+    con = sqlite3.connect(db)
+    try:
+        test.assertEqual(con.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        rows, highest = con.execute("SELECT count(*), max(n) FROM t").fetchone()
+        total = con.execute("SELECT rows FROM total").fetchone()[0]
+    finally:
+        con.close()
+    test.assertGreaterEqual(highest, acked, "an acknowledged transaction was lost")
+    test.assertEqual(rows, highest, "a gap in the committed transactions")
+    test.assertEqual(total, rows, "a transaction was half applied")
+
+
 class DatabaseCrash(unittest.TestCase):
     def setUp(self):
         self.vol = Volume()
@@ -50,34 +84,7 @@ class DatabaseCrash(unittest.TestCase):
         self.vol.cleanup()
 
     def sqlite_round(self, mode):
-        db = self.vol.path(f"{mode}.db")
-        child = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, mode],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        acked = 0
-        deadline = time.time() + 60
-        # Kill once a few hundred transactions (journal files created and removed each time in
-        # DELETE mode) have been acknowledged.
-        while acked < 300 and time.time() < deadline:
-            line = child.stdout.readline()
-            if not line:
-                break
-            acked = int(line)
-        self.assertGreaterEqual(acked, 300, child.stderr.read() if child.poll() is not None else "too slow")
-        self.vol.kill9()
-        out, _ = child.communicate(timeout=60)
-        for line in out.split():
-            acked = int(line)
-        self.vol.mount("--allow-other")
-        con = sqlite3.connect(db)
-        try:
-            self.assertEqual(con.execute("PRAGMA integrity_check").fetchone()[0], "ok")
-            rows, highest = con.execute("SELECT count(*), max(n) FROM t").fetchone()
-            total = con.execute("SELECT rows FROM total").fetchone()[0]
-        finally:
-            con.close()
-        self.assertGreaterEqual(highest, acked, "an acknowledged transaction was lost")
-        self.assertEqual(rows, highest, "a gap in the committed transactions")
-        self.assertEqual(total, rows, "a transaction was half applied")
+        check_sqlite_crash(self, self.vol, mode, "FULL", self.vol.kill9)
 
     def test_sqlite_wal_survives_a_daemon_crash(self):
         self.sqlite_round("WAL")
