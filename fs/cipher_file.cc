@@ -65,9 +65,9 @@ Result<std::unique_ptr<CipherFile>> CipherFile::create(int fd, VolumeKeys& keys,
   // truncate", whose close then forces writeback, and a stat makes the next timestamp
   // fine-grained, so it no longer equals the kernel's coarse clock and every written file cost
   // a SETATTR round trip at close.
+  // Page 0 comes from page() as a fresh page while header_written_ is false.
   auto f = std::unique_ptr<CipherFile>(new CipherFile(fd, keys, io, id, 0));
   f->header_written_ = false;
-  f->cache_page(0, std::make_unique<Page>(Page{MetaPage::fresh(id, 0, keys.block_size()), false}));
   return f;
 }
 

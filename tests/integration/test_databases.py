@@ -45,6 +45,28 @@ def pg_bin():
     return os.path.dirname(found[-1]) if found else None
 
 
+# Checks every btree index of the database (amcheck); prints how many it checked.
+AMCHECK_ALL_BTREES = ("SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_index i "
+                      "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+                      "WHERE a.amname = 'btree' AND c.relpersistence != 't') s")
+
+
+def pg_cluster(vol, port):
+    """An empty data dir on the mounted `vol` and a socket dir beside the volume, both owned
+    by postgres. Returns the data dir, the pg_ctl command that starts a server on `port`, and
+    the connection arguments for psql and pgbench."""
+    pg = pg_bin()
+    pw = pwd.getpwnam("postgres")
+    data = vol.path("pgdata")
+    sock = os.path.join(vol.root, "sock")
+    for d in (data, sock):
+        os.mkdir(d)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    start = [f"{pg}/pg_ctl", "-D", data, "-l", os.path.join(sock, "pg.log"), "-w", "-o",
+             f"-k {sock} -p {port} -c listen_addresses=''", "start"]
+    return data, start, ["-h", sock, "-p", str(port)]
+
+
 @unittest.skipUnless(pg_bin() and shutil.which("pgbench"), "PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
 class Postgres(VolumeTest):
     mount_args = ("--allow-other",)
@@ -54,22 +76,12 @@ class Postgres(VolumeTest):
 
     def test_initdb_pgbench_amcheck(self):
         pg = pg_bin()
-        pw = pwd.getpwnam("postgres")
-        data = self.vol.path("pgdata")
-        sock = os.path.join(self.vol.root, "sock")
-        os.mkdir(data)
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-        os.mkdir(sock)
-        os.chown(sock, pw.pw_uid, pw.pw_gid)
         os.chmod(self.vol.root, 0o755)
-        port = str(20000 + os.getpid() % 20000)
+        data, start, env = pg_cluster(self.vol, 20000 + os.getpid() % 20000)
         self.as_pg(f"{pg}/initdb", "-D", data, "--no-instructions", "-A", "trust")
-        logf = os.path.join(sock, "pg.log")
-        start = [f"{pg}/pg_ctl", "-D", data, "-l", logf, "-w", "-o", f"-k {sock} -p {port} -c listen_addresses=''", "start"]
         stop = [f"{pg}/pg_ctl", "-D", data, "-w", "-m", "fast", "stop"]
         self.as_pg(*start)
         try:
-            env = ["-h", sock, "-p", port]
             self.as_pg("pgbench", *env, "-i", "-s", "2", "postgres")
             r = self.as_pg("pgbench", *env, "-c", "4", "-T", "8", "postgres")
             self.assertIn("tps", r.stdout)
@@ -78,12 +90,8 @@ class Postgres(VolumeTest):
         self.vol.remount("--allow-other")
         self.as_pg(*start)
         try:
-            env = ["-h", sock, "-p", port]
             self.as_pg("psql", *env, "-v", "ON_ERROR_STOP=1", "-c", "CREATE EXTENSION IF NOT EXISTS amcheck", "postgres")
-            check = ("SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_index i "
-                     "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
-                     "WHERE a.amname = 'btree' AND c.relpersistence != 't') s")
-            r = self.as_pg("psql", *env, "-v", "ON_ERROR_STOP=1", "-tAc", check, "postgres")
+            r = self.as_pg("psql", *env, "-v", "ON_ERROR_STOP=1", "-tAc", AMCHECK_ALL_BTREES, "postgres")
             self.assertGreater(int(r.stdout.strip()), 10)
             r = self.as_pg("psql", *env, "-tAc", "SELECT count(*) FROM pgbench_accounts", "postgres")
             self.assertEqual(int(r.stdout.strip()), 200000)

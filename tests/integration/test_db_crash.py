@@ -4,7 +4,6 @@ to a consistent state that holds every transaction it acknowledged. Killing the 
 what only it and the kernel's FUSE page cache held; everything an fsync returned for is in the
 backing files by then, which is what the databases' own recovery relies on."""
 import os
-import pwd
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +13,7 @@ import time
 import unittest
 
 from common import Volume, main, run
-from test_databases import pg_bin
+from test_databases import AMCHECK_ALL_BTREES, pg_bin, pg_cluster
 
 # The SQLite writer, in a child process so that the crash cannot touch the test's own state:
 # it commits numbered transactions and prints each number once COMMIT has returned.
@@ -95,19 +94,8 @@ class DatabaseCrash(unittest.TestCase):
     @unittest.skipUnless(pg_bin(), "PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
     def test_postgres_recovers_consistent_after_a_daemon_crash(self):
         pg = pg_bin()
-        pw = pwd.getpwnam("postgres")
         as_pg = ["runuser", "-u", "postgres", "--"]
-        data = self.vol.path("pgdata")
-        sock = os.path.join(self.vol.root, "sock")
-        os.mkdir(data)
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-        os.mkdir(sock)
-        os.chown(sock, pw.pw_uid, pw.pw_gid)
-        port = str(20000 + (os.getpid() + 7) % 20000)
-        env = ["-h", sock, "-p", port]
-        logf = os.path.join(sock, "pg.log")
-        start = [f"{pg}/pg_ctl", "-D", data, "-l", logf, "-w", "-o",
-                 f"-k {sock} -p {port} -c listen_addresses=''", "start"]
+        data, start, env = pg_cluster(self.vol, 20000 + (os.getpid() + 7) % 20000)
         run(as_pg + [f"{pg}/initdb", "-D", data, "--no-instructions", "-A", "trust"])
         run(as_pg + start)
         with open(os.path.join(data, "postmaster.pid")) as f:
@@ -143,9 +131,7 @@ class DatabaseCrash(unittest.TestCase):
             self.assertGreater(int(sql("SELECT count(*) FROM pgbench_history")), 0, "no transaction committed")
             self.assertEqual(int(sql("SELECT count(*) FROM pgbench_accounts")), 200000)
             sql("CREATE EXTENSION IF NOT EXISTS amcheck")
-            checked = sql("SELECT count(*) FROM (SELECT bt_index_check(c.oid, true) FROM pg_index i "
-                          "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
-                          "WHERE a.amname = 'btree' AND c.relpersistence != 't') s")
+            checked = sql(AMCHECK_ALL_BTREES)
             self.assertGreater(int(checked), 10)
         finally:
             run(as_pg + [f"{pg}/pg_ctl", "-D", data, "-w", "-m", "fast", "stop"], check=False)
