@@ -6,7 +6,7 @@ gocryptfs securefs). Everything runs back to back in one invocation and is
 reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
 
   sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
-                                [--no-pgbench] [--no-tree] [--repeat N] [--out results.md]
+                                [--no-pgbench] [--no-tree] [--no-fio] [--repeat N] [--out results.md]
 """
 import argparse
 import glob
@@ -328,6 +328,7 @@ def main():
     ap.add_argument("--tree", default="/usr/include", help="directory tree for the cp -r phase")
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--no-tree", action="store_true")
+    ap.add_argument("--no-fio", action="store_true", help="skip the fio phases (tree and pgbench only)")
     ap.add_argument("--out", default="")
     ap.add_argument("--allow-unoptimised", action="store_true",
                     help="measure a Debug/asan binary anyway (its figures are not comparable)")
@@ -373,11 +374,13 @@ def main():
     for round_no in range(a.repeat):
         for name, make in chosen:
             fs = made.setdefault(name, make())
+            if a.no_fio and getattr(fs, "seq_only", False):
+                continue  # it has only the sequential fio phases
             print(f"== {name} (round {round_no + 1}/{a.repeat})", file=sys.stderr)
             fs.mount()
             try:
                 seq_only = getattr(fs, "seq_only", False)
-                r = run_fio_suite(fs, a.size, a.runtime, seq_only)
+                r = {} if a.no_fio else run_fio_suite(fs, a.size, a.runtime, seq_only)
                 if not a.no_tree and not seq_only:
                     r.update(run_tree(fs, a.tree))
                 if not a.no_pgbench and not seq_only:
