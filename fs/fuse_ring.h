@@ -5,7 +5,7 @@
 // What it buys, and costs (2-core VM, bench/README.md): every queue's threads are pinned to
 // its CPU, so a caller that sleeps until the answer is served on the CPU it sleeps on, with no
 // cross-CPU wake-up (an inter-processor interrupt, a VM exit): rm -rf of a source tree takes
-// half the time of /dev/fuse, cp -r 5-13% less. But all requests of one caller land on one
+// half the time of /dev/fuse, cp -r 4-13% less. But all requests of one caller land on one
 // CPU, so bulk data (readahead, 16 requests in flight, 4 KiB random reads) loses the second
 // core: seq read -28 to -33%, random read -12 to -33%, randrw at queue depth 16 -35 to -39%.
 // Hence opt-in (--fuse-transport io_uring), for trees of small files; /dev/fuse stays the
