@@ -666,8 +666,14 @@ class ErrorsAndCli(VolumeTest):
         self.vol.unmount()
         env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(BIN)) + ":" + os.environ.get("PATH", ""))
         import subprocess
-        r = subprocess.run(["mount", "-t", "fuse.envelopefs", self.vol.cipher, self.vol.mnt,
-                            "-o", f"nofail,log_file={self.vol.log},noatime"], env=env, capture_output=True, text=True)
+        # The helper is called as mount(8) calls it for `mount -t fuse.envelopefs ... -o
+        # nofail,...` (its own options added, in this order). mount(8) itself would clear PATH
+        # for the helper (util-linux sanitize_env), which then runs whichever envelopefs the
+        # default PATH finds (the installed one, or none), not the build under test.
+        helper = shutil.which("mount.fuse3") or "/sbin/mount.fuse3"
+        r = subprocess.run([helper, self.vol.cipher, self.vol.mnt,
+                            "-o", f"rw,noatime,nofail,log_file={self.vol.log}", "-t", "fuse.envelopefs"],
+                           env=env, capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(is_mounted(self.vol.mnt))
         self.assertEqual(read_file(self.vol.path("f")), b"via fstab")
