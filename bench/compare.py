@@ -374,12 +374,12 @@ def main():
     for round_no in range(a.repeat):
         for name, make in chosen:
             fs = made.setdefault(name, make())
-            if a.no_fio and getattr(fs, "seq_only", False):
+            seq_only = getattr(fs, "seq_only", False)
+            if a.no_fio and seq_only:
                 continue  # it has only the sequential fio phases
             print(f"== {name} (round {round_no + 1}/{a.repeat})", file=sys.stderr)
             fs.mount()
             try:
-                seq_only = getattr(fs, "seq_only", False)
                 r = {} if a.no_fio else run_fio_suite(fs, a.size, a.runtime, seq_only)
                 if not a.no_tree and not seq_only:
                     r.update(run_tree(fs, a.tree))
