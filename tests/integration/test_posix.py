@@ -660,17 +660,17 @@ class ErrorsAndCli(VolumeTest):
     def test_mount_t_fuse_envelopefs_as_fstab_would(self):
         import shutil
         from common import BIN, is_mounted
-        if not shutil.which("mount.fuse3") and not os.path.exists("/sbin/mount.fuse3"):
+        helper = shutil.which("mount.fuse3") or ("/sbin/mount.fuse3" if os.path.exists("/sbin/mount.fuse3") else None)
+        if helper is None:
             self.skipTest("mount.fuse3 (package fuse3) is not installed")
         write_file(self.vol.path("f"), b"via fstab")
         self.vol.unmount()
         env = dict(os.environ, PATH=os.path.dirname(os.path.abspath(BIN)) + ":" + os.environ.get("PATH", ""))
         import subprocess
-        # The helper is called as mount(8) calls it for `mount -t fuse.envelopefs ... -o
-        # nofail,...` (its own options added, in this order). mount(8) itself would clear PATH
-        # for the helper (util-linux sanitize_env), which then runs whichever envelopefs the
-        # default PATH finds (the installed one, or none), not the build under test.
-        helper = shutil.which("mount.fuse3") or "/sbin/mount.fuse3"
+        # The helper gets exactly the arguments mount(8) gives it for `mount -t fuse.envelopefs
+        # ... -o nofail,...` (mount(8) adds rw first). mount(8) itself would clear PATH for the
+        # helper (util-linux sanitize_env), which then runs whichever envelopefs the default
+        # PATH finds (the installed one, or none), not the build under test.
         r = subprocess.run([helper, self.vol.cipher, self.vol.mnt,
                             "-o", f"rw,noatime,nofail,log_file={self.vol.log}", "-t", "fuse.envelopefs"],
                            env=env, capture_output=True, text=True)
