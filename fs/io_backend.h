@@ -30,6 +30,8 @@ class IoBackend {
   virtual Status run(std::span<IoRequest> requests) = 0;
   // Every request in `first` completes before any request in `then` starts: metadata pages
   // reach the file before the data they describe, so a crash leaves old or new, never neither.
+  // A `then` request that starts where a `first` one ends may go in the same write after it
+  // (one pwritev is copied in offset order), which keeps that promise.
   virtual Status run_ordered(std::span<IoRequest> first, std::span<IoRequest> then) {
     ENVELOPEFS_RETURN_IF_ERROR(run(first));
     return run(then);

@@ -54,6 +54,11 @@ class UringBackend final : public IoBackend {
   // Two submissions rather than one with IOSQE_IO_DRAIN: a drained request is always punted
   // to an io-wq worker, which cost more (measured: cp -r 2x slower) than the extra round trip.
   Status run_ordered(std::span<IoRequest> first, std::span<IoRequest> then) override {
+    auto buffered_write = [](const IoRequest& q) { return q.write && !q.direct; };
+    if (std::all_of(first.begin(), first.end(), buffered_write) &&
+        std::all_of(then.begin(), then.end(), buffered_write)) {
+      return posix_->run_ordered(first, then);  // pwrite(v)s in this thread, as run() would
+    }
     ENVELOPEFS_RETURN_IF_ERROR(run(first));
     return run(then);
   }
