@@ -95,7 +95,9 @@ Result<std::unique_ptr<CipherFile>> CipherFile::open(int fd, VolumeKeys& keys, I
   ENVELOPEFS_RETURN_IF_ERROR(header.verify(keys, id, 0));
   auto f = std::unique_ptr<CipherFile>(
       new CipherFile(fd, keys, io, id, static_cast<uint64_t>(st.st_size)));
-  f->cache_page(0, std::make_unique<Page>(Page{header, false}));
+  auto p0 = std::make_unique<Page>();
+  *p0->page = header;
+  f->cache_page(0, std::move(p0));
   return f;
 }
 
@@ -135,26 +137,26 @@ void CipherFile::evict_if_over_budget() {
 
 Result<MetaPage*> CipherFile::page(uint64_t index, bool beyond_eof_ok) {
   // cache_mu_ is held by the caller.
-  if (auto it = pages_.find(index); it != pages_.end()) return &it->second->page;
+  if (auto it = pages_.find(index); it != pages_.end()) return it->second->page.get();
   evict_if_over_budget();
   auto p = std::make_unique<Page>();
   if (index == 0 && !header_written_) {
-    p->page = MetaPage::fresh(id_, 0, layout_.block_size());  // not on disk yet: an empty file's
+    *p->page = MetaPage::fresh(id_, 0, layout_.block_size());  // not on disk yet: an empty file's
   } else if (index >= layout_.page_count(size_)) {
     // Past the end of the file: whatever is there is stale; start a fresh page.
     if (!beyond_eof_ok) return fail(index * kBlocksPerGroup, Status(Code::kInternal, "page past end of file"));
-    p->page = MetaPage::fresh(id_, index, layout_.block_size());
+    *p->page = MetaPage::fresh(id_, index, layout_.block_size());
   } else {
-    IoRequest req{fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), false, 0};
+    IoRequest req{fd_, p->page->data(), kMetaPageSize, layout_.page_offset(index), false, 0};
     route({&req, 1});
     ENVELOPEFS_RETURN_IF_ERROR(io_.run({&req, 1}));
     if (req.done != kMetaPageSize) {
       return fail(index * kBlocksPerGroup, Status(Code::kAuthFailed, "metadata page missing (backing file truncated)"));
     }
-    Status st = p->page.verify(keys_, id_, index);
+    Status st = p->page->verify(keys_, id_, index);
     if (!st.ok()) return fail(index * kBlocksPerGroup, st);
   }
-  return &cache_page(index, std::move(p))->page;
+  return cache_page(index, std::move(p))->page.get();
 }
 
 Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* current) {
@@ -247,8 +249,8 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
     for (Pending& p : blocks) {
       auto it = pages_.find(Layout::page_of(p.index));
       if (it != pages_.end()) {
-        p.slots[0] = it->second->page.slot(Layout::entry_of(p.index), 0);
-        p.slots[1] = it->second->page.slot(Layout::entry_of(p.index), 1);
+        p.slots[0] = it->second->page->slot(Layout::entry_of(p.index), 0);
+        p.slots[1] = it->second->page->slot(Layout::entry_of(p.index), 1);
         if (p.hole()) continue;
       }
       const uint64_t off = layout_.data_offset(p.index);
@@ -265,7 +267,7 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   }
   const size_t data_reqs = reqs.size();
   for (auto& [index, pg] : missing) {
-    reqs.push_back({fd_, pg->page.data(), kMetaPageSize, layout_.page_offset(index), false, 0});
+    reqs.push_back({fd_, pg->page->data(), kMetaPageSize, layout_.page_offset(index), false, 0});
   }
   route(reqs);
   ENVELOPEFS_RETURN_IF_ERROR(io_.run(reqs));
@@ -277,12 +279,12 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
         return fail(index * kBlocksPerGroup,
                     Status(Code::kAuthFailed, "metadata page missing (backing file truncated)"));
       }
-      Status st = pg->page.verify(keys_, id_, index);
+      Status st = pg->page->verify(keys_, id_, index);
       if (!st.ok()) return fail(index * kBlocksPerGroup, st);
       for (Pending& p : blocks) {
         if (Layout::page_of(p.index) != index) continue;
-        p.slots[0] = pg->page.slot(Layout::entry_of(p.index), 0);
-        p.slots[1] = pg->page.slot(Layout::entry_of(p.index), 1);
+        p.slots[0] = pg->page->slot(Layout::entry_of(p.index), 0);
+        p.slots[1] = pg->page->slot(Layout::entry_of(p.index), 1);
       }
       // Another reader may have cached the same page meanwhile (same bytes: writers are
       // excluded by rw_); the budget was checked above, a read adds at most its range's pages.
@@ -374,8 +376,8 @@ Status CipherFile::flush(WriteBatch& batch) {
   {
     std::lock_guard lock(cache_mu_);
     for (auto& [index, p] : batch.dirty) {
-      ENVELOPEFS_RETURN_IF_ERROR(p->page.seal(keys_));
-      page_reqs.push_back({fd_, p->page.data(), kMetaPageSize, layout_.page_offset(index), true, 0});
+      ENVELOPEFS_RETURN_IF_ERROR(p->page->seal(keys_));
+      page_reqs.push_back({fd_, p->page->data(), kMetaPageSize, layout_.page_offset(index), true, 0});
     }
   }
   route(page_reqs);

@@ -14,6 +14,7 @@
 #include "fs/block_codec.h"
 #include "fs/io_backend.h"
 #include "fs/layout.h"
+#include "fs/page_pool.h"
 
 namespace envelopefs {
 
@@ -74,7 +75,7 @@ class CipherFile {
   ~CipherFile();
 
   struct Page {
-    MetaPage page;
+    PagePool::Ptr page = PagePool::make();  // in a pool slot (fs/page_pool.h)
     bool dirty = false;  // changed in memory, not yet written; never evicted
   };
 

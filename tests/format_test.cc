@@ -16,6 +16,7 @@
 #include "fs/cipher_file.h"
 #include "fs/io_backend.h"
 #include "fs/names.h"
+#include "fs/page_pool.h"
 #include "tests/fault_backend.h"
 #include "tests/test_util.h"
 
@@ -620,6 +621,53 @@ TEST(CipherFile, ConcurrentReadersWhilePagesAreEvicted) {
   for (auto& th : threads) th.join();
   CipherFile::set_page_budget(CipherFile::kPageBudget);
   EXPECT_EQ(errors.load(), 0);
+}
+
+TEST(PagePool, SlotsAreAlignedZeroedDistinctAndReused) {
+  const size_t in_use = PagePool::in_use();
+  std::vector<PagePool::Ptr> pages;
+  for (size_t i = 0; i < PagePool::kSlotsPerSlab + 3; ++i) {  // more than one slab
+    pages.push_back(PagePool::make());
+    const uint8_t* d = pages.back()->data();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(d) % kMetaPageSize, 0u);  // O_DIRECT needs it
+    EXPECT_TRUE(pages.back()->all_zero());
+    std::memset(pages.back()->data(), 0xEE, kMetaPageSize);  // ASan: the whole slot is ours
+  }
+  std::vector<const uint8_t*> addrs;
+  for (auto& p : pages) addrs.push_back(p->data());
+  std::sort(addrs.begin(), addrs.end());
+  EXPECT_EQ(std::adjacent_find(addrs.begin(), addrs.end()), addrs.end());
+  for (size_t i = 1; i < addrs.size(); ++i) EXPECT_GE(addrs[i] - addrs[i - 1], static_cast<ptrdiff_t>(kMetaPageSize));
+  EXPECT_EQ(PagePool::in_use(), in_use + pages.size());
+  const size_t capacity = PagePool::capacity();
+  pages.clear();
+  EXPECT_EQ(PagePool::in_use(), in_use);
+  // Returned slots are handed out again (zeroed) before any new slab is made.
+  for (int i = 0; i < 10; ++i) {
+    pages.push_back(PagePool::make());
+    EXPECT_TRUE(pages.back()->all_zero());
+  }
+  EXPECT_EQ(PagePool::capacity(), capacity);
+}
+
+// The page budget counts pages; each must cost one 4 KiB slot, and every one must go back
+// when the file is closed.
+TEST(CipherFile, CachedPagesTakeOneSlotEachAndGoBackAtClose) {
+  Fixture fx;
+  const size_t before = PagePool::in_use();
+  std::mt19937_64 rng(5);
+  const uint64_t groups = 40;
+  const Bytes data = random_bytes(rng, groups * kBlocksPerGroup * 4096);
+  {
+    auto f = fx.create("f");
+    ASSERT_TRUE(f->write(0, data).ok());
+    EXPECT_EQ(PagePool::in_use(), before + groups);
+    auto g = fx.reopen("f");
+    ASSERT_TRUE(g.ok());
+    EXPECT_EQ(read_all(**g), data);
+    EXPECT_EQ(PagePool::in_use(), before + 2 * groups);
+  }
+  EXPECT_EQ(PagePool::in_use(), before);
 }
 
 TEST(CipherFile, ConcurrentWritersAndReadersOnDisjointRanges) {
