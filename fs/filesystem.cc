@@ -126,8 +126,7 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
     auto dfd = open_dir_fd(dir);
     if (!dfd.ok()) return dfd.status();
     FdGuard g{*dfd};
-    ENVELOPEFS_RETURN_IF_ERROR(create_dir_nonce(*dfd, nonce_store_));
-    n = read_dir_nonce(dir.fd);
+    n = create_dir_nonce(*dfd, nonce_store_);
   }
   if (!n.ok()) return n.status();
   dir.nonce = *n;
@@ -363,7 +362,8 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("open new directory");
   FdGuard g{fd};
-  Status st = create_dir_nonce(fd, nonce_store_);
+  auto nonce = create_dir_nonce(fd, nonce_store_);
+  Status st = nonce.status();
   // A directory made in a set-group-ID directory inherits the bit (the kernel does not send it).
   struct stat parent_st;
   if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
@@ -374,7 +374,13 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
     unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR);
     return st;
   }
-  return make_entry(parent, pfd, bn->entry, out, true);
+  ENVELOPEFS_RETURN_IF_ERROR(make_entry(parent, pfd, bn->entry, out, true));
+  // Known already: the first name looked up in it need not search the directory for it.
+  if (auto i = inodes_.get(out->ino)) {
+    std::lock_guard lock(i->mu);
+    if (!i->nonce) i->nonce = *nonce;
+  }
+  return Status::Ok();
 }
 
 Status Filesystem::symlink(const char* target, uint64_t parent, const char* name, Caller who,

@@ -47,7 +47,7 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
     return 1;
   }
   int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  Status st = fd < 0 ? Status::Io(errno, "open " + dir) : create_dir_nonce(fd, nonce_store_of(v->config));
+  Status st = fd < 0 ? Status::Io(errno, "open " + dir) : create_dir_nonce(fd, nonce_store_of(v->config)).status();
   // The root's nonce must outlive a power cut right after init, whatever happens next.
   if (st.ok() && fsync(fd) != 0) st = Status::Io(errno, "fsync " + dir);
   if (fd >= 0) close(fd);

@@ -100,11 +100,12 @@ NonceStore nonce_store_of(const VolumeConfig& c) {
   return c.has_feature(kFeatureNonceNames) ? NonceStore::kName : NonceStore::kFile;
 }
 
-Status create_dir_nonce(int dir_fd, NonceStore store) {
+Result<DirNonce> create_dir_nonce(int dir_fd, NonceStore store) {
   DirNonce nonce;
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(nonce));
   Status st = write_dir_nonce(dir_fd, nonce, store);
-  return st.ok() ? st : st.prefix("directory nonce");
+  if (!st.ok()) return st.prefix("directory nonce");
+  return nonce;
 }
 
 std::string dir_nonce_entry(const DirNonce& nonce) { return kDirNoncePrefix + base64url_encode(nonce); }

@@ -44,8 +44,8 @@ enum class NonceStore {
 // How the directories of a volume with config `c` keep their nonce.
 NonceStore nonce_store_of(const VolumeConfig& c);
 
-// Creates the nonce in the (new, empty) backing directory `dir_fd`.
-Status create_dir_nonce(int dir_fd, NonceStore store);
+// Creates the nonce in the (new, empty) backing directory `dir_fd`, and returns it.
+Result<DirNonce> create_dir_nonce(int dir_fd, NonceStore store);
 // Reads the nonce of backing directory `dir_fd`, whichever way it is stored: kNotFound if it
 // has none, kCorrupt if it is damaged or there is more than one.
 Result<DirNonce> read_dir_nonce(int dir_fd);

@@ -26,6 +26,22 @@ class RoundTrip(VolumeTest):
             self.assertEqual(os.stat(self.vol.path(name)).st_size, len(data), name)
             self.assertEqual(read_file(self.vol.path(name)), data, name)
 
+    def test_names_made_right_after_mkdir_survive_remount(self):
+        # The daemon keeps a new directory's nonce from its mkdir; the names it encrypts with it
+        # must be the ones the nonce on disk decrypts after a remount.
+        paths = []
+        for a in range(3):
+            os.mkdir(self.vol.path(f"d{a}"))
+            for b in range(3):
+                os.mkdir(self.vol.path(f"d{a}", f"e{b}"))
+                p = self.vol.path(f"d{a}", f"e{b}", f"file-{a}-{b}")
+                write_file(p, p.encode())
+                paths.append(p)
+        self.vol.remount()
+        for p in paths:
+            self.assertEqual(read_file(p), p.encode())
+        self.assertEqual(sorted(os.listdir(self.vol.path("d1", "e2"))), ["file-1-2"])
+
     def test_nothing_plaintext_in_cipher_dir(self):
         os.mkdir(self.vol.path("dir-MARKER"))
         write_file(self.vol.path("dir-MARKER", "name-MARKER.txt"), b"CONTENT-MARKER " * 5000)
