@@ -14,13 +14,14 @@ static_assert(sizeof(MetaPage) == kMetaPageSize && alignof(MetaPage) == kMetaPag
 
 struct State {
   std::mutex mu;
-  std::vector<void*> free;  // slots ready to hand out
+  std::vector<void*> free;   // slots ready to hand out
+  std::vector<void*> slabs;  // every slab, kept for the life of the process
   size_t capacity = 0;
   size_t in_use = 0;
 };
 
 // Never destroyed: pages may be returned by threads still running at exit, and the slabs stay
-// reachable from here (not leaks to LeakSanitizer).
+// reachable from `slabs` (not leaks to LeakSanitizer).
 State& state() {
   static State* s = new State;
   return *s;
@@ -36,6 +37,7 @@ PagePool::Ptr PagePool::make() {
     if (s.free.empty()) {
       void* slab = std::aligned_alloc(kMetaPageSize, kSlotsPerSlab * kMetaPageSize);
       if (slab == nullptr) throw std::bad_alloc();
+      s.slabs.push_back(slab);
       auto* base = static_cast<uint8_t*>(slab);
       for (size_t i = kSlotsPerSlab; i-- > 0;) s.free.push_back(base + i * kMetaPageSize);
       s.capacity += kSlotsPerSlab;
