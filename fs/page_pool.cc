@@ -16,7 +16,6 @@ struct State {
   std::mutex mu;
   std::vector<void*> free;   // slots ready to hand out
   std::vector<void*> slabs;  // every slab, kept for the life of the process
-  size_t capacity = 0;
   size_t in_use = 0;
 };
 
@@ -40,7 +39,6 @@ PagePool::Ptr PagePool::make() {
       s.slabs.push_back(slab);
       auto* base = static_cast<uint8_t*>(slab);
       for (size_t i = kSlotsPerSlab; i-- > 0;) s.free.push_back(base + i * kMetaPageSize);
-      s.capacity += kSlotsPerSlab;
     }
     slot = s.free.back();
     s.free.pop_back();
@@ -65,7 +63,7 @@ size_t PagePool::in_use() {
 
 size_t PagePool::capacity() {
   std::lock_guard lock(state().mu);
-  return state().capacity;
+  return state().slabs.size() * kSlotsPerSlab;
 }
 
 }  // namespace envelopefs
