@@ -1,6 +1,8 @@
 // The seam between the block format and the backing store (like LevelDB's Env): everything
-// that touches a backing file's bytes goes through an IoBackend. Two implementations here
-// (io_uring, and pread/pwrite as the fallback); tests add fault-injecting ones.
+// that touches a backing file's bytes goes through an IoBackend. Two implementations here:
+// pread(v)/pwrite(v) in the calling thread, and io_uring, which puts O_DIRECT requests on a
+// ring and does buffered ones as the first does (uring_backend.cc says why); tests add
+// fault-injecting ones.
 #pragma once
 
 #include <cstdint>

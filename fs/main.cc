@@ -190,7 +190,7 @@ int main(int argc, char** argv) {
                                 "no_uring, no_writeback, direct_backing, fuse_transport=T");
   mount->add_option("--passfile", mo.provider.passfile, "pass: read the passphrase from this file");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
-  mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "use pread/pwrite instead of io_uring");
+  mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
   mount->add_flag("--no-writeback", [&](int64_t) { mo.fs.writeback_cache = false; },
                   "disable the kernel writeback cache");
   mount->add_flag("--direct-backing", mo.fs.direct_backing,

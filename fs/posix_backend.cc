@@ -1,5 +1,5 @@
-// pread/pwrite backend: the fallback where io_uring is not permitted, and the reference the
-// io_uring backend is tested against.
+// pread(v)/pwrite(v) backend: all buffered backing I/O (the io_uring backend hands it here),
+// and O_DIRECT I/O too where io_uring is not permitted or --no-uring asks.
 #include <fcntl.h>
 #include <sys/uio.h>
 #include <unistd.h>
