@@ -35,10 +35,10 @@ class UringBackend final : public IoBackend {
   // - writes with pwrite: ext4 has no non-blocking buffered write, so io_uring would hand
   //   each one to an io-wq worker thread (measured: 36% of the daemon's CPU on a sequential
   //   write in those workers, plus a context switch per request);
-  // - reads as one preadv per contiguous span (posix_backend.cc): the nine data runs of a
-  //   1 MiB READ, in parallel on the ring, read a file not yet in the page cache at 650-1,950
-  //   MiB/s from run to run, against 1,900-2,170 as preads (fio 1 MiB sequential read of
-  //   512 MiB after drop_caches, four alternations each).
+  // - reads as one preadv per contiguous span (posix_backend.cc): with the nine data runs of
+  //   a 1 MiB READ in parallel on the ring, a file not yet in the page cache read at 653 to
+  //   1,264 MiB/s, against 2,039 to 2,115 as one preadv per span (fio 1 MiB sequential read
+  //   of 512 MiB after drop_caches, one script alternating the two four times).
   // A single request gains nothing from a ring either.
   Status run(std::span<IoRequest> requests) override {
     auto ring_or_posix = [&](std::span<IoRequest> part) {
