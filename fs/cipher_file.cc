@@ -232,8 +232,10 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
   for (Pending& p : blocks) {
     if (p.dst == nullptr) p.dst = scratch.data() + (next_edge++) * bs;
   }
-  // Metadata pages not cached yet are read in the same submission as the data (one round trip
-  // to the disk instead of one per 128 KiB group), then authenticated before any slot is used.
+  // Metadata pages not cached yet are read in the same batch as the data, then authenticated
+  // before any slot is used. A multi-group read's pages and data runs are then one contiguous
+  // preadv (posix_backend.cc), or parallel requests on the ring with --direct-backing: one
+  // round trip to the disk instead of one per 128 KiB group.
   // Which pages are missing and the slots of the cached ones are taken in one critical section:
   // another reader may evict pages as soon as cache_mu_ is released.
   std::vector<std::pair<uint64_t, std::unique_ptr<Page>>> missing;

@@ -23,7 +23,7 @@ class PosixBackend final : public IoBackend {
     std::vector<IoRequest*> reads;
     for (IoRequest& r : requests) {
       if (r.write) {
-        ENVELOPEFS_RETURN_IF_ERROR(transfer(r));
+        ENVELOPEFS_RETURN_IF_ERROR(write_all(r));
       } else {
         reads.push_back(&r);
       }
@@ -84,19 +84,16 @@ class PosixBackend final : public IoBackend {
   static constexpr size_t kMaxGap = 16384;
   static constexpr size_t kMaxPieces = 64;  // iovecs per preadv, well under IOV_MAX
 
-  static Status transfer(IoRequest& r) {
+  // One write, continued after a short one.
+  static Status write_all(IoRequest& r) {
     r.done = 0;
     while (r.done < r.len) {
-      ssize_t n = r.write ? pwrite(r.fd, r.buf + r.done, r.len - r.done, static_cast<off_t>(r.offset + r.done))
-                          : pread(r.fd, r.buf + r.done, r.len - r.done, static_cast<off_t>(r.offset + r.done));
+      const ssize_t n = pwrite(r.fd, r.buf + r.done, r.len - r.done, static_cast<off_t>(r.offset + r.done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return Status::Io(errno, r.write ? "backing write" : "backing read");
+        return Status::Io(errno, "backing write");
       }
-      if (n == 0) {
-        if (r.write) return Status::Io(EIO, "backing write made no progress");
-        break;  // end of file
-      }
+      if (n == 0) return Status::Io(EIO, "backing write made no progress");
       r.done += static_cast<size_t>(n);
     }
     return Status::Ok();

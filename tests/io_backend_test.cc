@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 #include "fs/io_backend.h"
 #include "tests/test_util.h"
@@ -25,6 +26,8 @@ std::unique_ptr<IoBackend> backend(bool uring) {
   std::unique_ptr<IoBackend> b = uring ? make_uring_backend(nullptr) : make_posix_backend();
   return b ? std::move(b) : make_posix_backend();
 }
+
+std::string backend_name(const ::testing::TestParamInfo<bool>& p) { return p.param ? "io_uring" : "posix"; }
 
 Bytes filled(size_t n, uint8_t v) { return Bytes(n, v); }
 
@@ -118,7 +121,7 @@ int make_patterned(const TempDir& dir, const char* name, uint64_t size, uint8_t 
 // A read's buffer with 64 guard bytes behind it: nothing may land past what was asked for.
 struct Target {
   Bytes buf;
-  Target(size_t len) : buf(len + 64, 0xEE) {}
+  explicit Target(size_t len) : buf(len + 64, 0xEE) {}
   IoRequest at(int fd, uint64_t offset) { return {fd, buf.data(), buf.size() - 64, offset, false, 0}; }
 };
 
@@ -172,11 +175,9 @@ TEST_P(BatchedReads, ReadsOfDifferentFilesStayApart) {
   close(b);
 }
 
-INSTANTIATE_TEST_SUITE_P(BothBackends, BatchedReads, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "io_uring" : "posix"; });
+INSTANTIATE_TEST_SUITE_P(BothBackends, BatchedReads, ::testing::Bool(), backend_name);
 
-INSTANTIATE_TEST_SUITE_P(BothBackends, OrderedWrites, ::testing::Bool(),
-                         [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "io_uring" : "posix"; });
+INSTANTIATE_TEST_SUITE_P(BothBackends, OrderedWrites, ::testing::Bool(), backend_name);
 
 }  // namespace
 }  // namespace envelopefs
