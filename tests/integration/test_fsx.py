@@ -1,0 +1,182 @@
+"""fsx-style random operations on one file against an in-memory model of its bytes.
+
+Writes at any offset and length, O_APPEND writes, truncates both ways, every fallocate mode the
+daemon supports, writes through a shared mapping, copy_file_range from another file, reads and
+sizes checked after every step, and remounts in between: the places where a block format goes
+wrong (partial edge blocks, a tail that grows or shrinks across a block or a metadata-page
+group, holes next to data, a reopened file's cached state) are all reached many times over.
+A failure names the seed and the operations that led to it."""
+import mmap
+import os
+import random
+
+from common import BIN, Volume, fallocate, main, run
+import unittest
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+GROUP = 31  # data blocks per metadata page (fs/layout.h)
+
+
+class Fsx(unittest.TestCase):
+    def run_fsx(self, seed, block_size, ops, remounts, mount_args=()):
+        vol = Volume(block_size)
+        try:
+            vol.mount(*mount_args)
+            r = random.Random(seed)
+            # Offsets cluster around block and metadata-group edges as well as anywhere.
+            span = 3 * GROUP * block_size + 5 * block_size
+            edges = [k * block_size for k in range(span // block_size + 1)]
+            edges += [k * GROUP * block_size for k in range(4)]
+
+            def offset():
+                if r.random() < 0.5:
+                    return max(0, r.choice(edges) + r.randrange(-3, 4))
+                return r.randrange(0, span)
+
+            def length():
+                return r.choice([1, 2, r.randrange(1, 100), block_size - 1, block_size, block_size + 1,
+                                 r.randrange(1, 3 * block_size), r.randrange(1, GROUP * block_size + 2)])
+
+            path = vol.path("fsx")
+            src_path = vol.path("src")
+            src = r.randbytes(span)
+            with open(src_path, "wb") as f:
+                f.write(src)
+            model = bytearray()
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            log = []
+
+            def check(what):
+                size = os.fstat(fd).st_size
+                self.assertEqual(size, len(model), f"size after {what}; seed {seed}, last ops {log[-12:]}")
+
+            def check_all(what):
+                check(what)
+                data = os.pread(fd, len(model) + block_size, 0)
+                if data != bytes(model):
+                    first = next((i for i in range(min(len(data), len(model))) if data[i] != model[i]),
+                                 min(len(data), len(model)))
+                    self.fail(f"content after {what} differs at byte {first} (len {len(data)} vs "
+                              f"{len(model)}); seed {seed}, last ops {log[-12:]}")
+
+            remount_at = set(r.sample(range(ops // 4, ops), remounts))
+            for step in range(ops):
+                op = r.choices(["write", "append", "read", "truncate", "falloc", "punch", "zero",
+                                "mmap", "copy", "fsync", "reopen"],
+                               weights=[30, 6, 20, 8, 5, 6, 5, 5, 5, 3, 3])[0]
+                off, n = offset(), length()
+                if op == "write":
+                    data = r.randbytes(n)
+                    self.assertEqual(os.pwrite(fd, data, off), n)
+                    if len(model) < off + n:
+                        model.extend(bytes(off + n - len(model)))
+                    model[off:off + n] = data
+                    log.append(("write", off, n))
+                elif op == "append":
+                    data = r.randbytes(n)
+                    afd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                    try:
+                        self.assertEqual(os.write(afd, data), n)
+                    finally:
+                        os.close(afd)
+                    model.extend(data)
+                    log.append(("append", n))
+                elif op == "read":
+                    got = os.pread(fd, n, off)
+                    log.append(("read", off, n))
+                    self.assertEqual(got, bytes(model[off:off + n]),
+                                     f"read {off}+{n}; seed {seed}, last ops {log[-12:]}")
+                elif op == "truncate":
+                    size = r.choice([0, off, off, len(model) + r.randrange(-block_size, block_size)])
+                    size = max(0, size)
+                    os.ftruncate(fd, size)
+                    del model[size:]
+                    model.extend(bytes(size - len(model)))
+                    log.append(("truncate", size))
+                elif op == "falloc":
+                    keep = r.random() < 0.5
+                    fallocate(fd, FALLOC_FL_KEEP_SIZE if keep else 0, off, n)
+                    if not keep and len(model) < off + n:
+                        model.extend(bytes(off + n - len(model)))
+                    log.append(("falloc", "keep" if keep else "grow", off, n))
+                elif op == "punch":
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+                    end = min(off + n, len(model))
+                    if off < end:
+                        model[off:end] = bytes(end - off)
+                    log.append(("punch", off, n))
+                elif op == "zero":
+                    keep = r.random() < 0.5
+                    fallocate(fd, FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep else 0), off, n)
+                    if not keep and len(model) < off + n:
+                        model.extend(bytes(off + n - len(model)))
+                    end = min(off + n, len(model))
+                    if off < end:
+                        model[off:end] = bytes(end - off)
+                    log.append(("zero", "keep" if keep else "grow", off, n))
+                elif op == "mmap":
+                    if not model:
+                        continue
+                    off = r.randrange(0, len(model))
+                    n = min(n, len(model) - off)
+                    data = r.randbytes(n)
+                    with mmap.mmap(fd, len(model)) as m:
+                        m[off:off + n] = data
+                        m.flush()
+                    model[off:off + n] = data
+                    log.append(("mmap", off, n))
+                elif op == "copy":
+                    src_off = r.randrange(0, len(src))
+                    n = min(n, len(src) - src_off)
+                    sfd = os.open(src_path, os.O_RDONLY)
+                    try:
+                        done = 0
+                        while done < n:
+                            k = os.copy_file_range(sfd, fd, n - done, src_off + done, off + done)
+                            self.assertGreater(k, 0)
+                            done += k
+                    finally:
+                        os.close(sfd)
+                    if len(model) < off + n:
+                        model.extend(bytes(off + n - len(model)))
+                    model[off:off + n] = src[src_off:src_off + n]
+                    log.append(("copy", src_off, off, n))
+                elif op == "fsync":
+                    os.fsync(fd)
+                    log.append(("fsync",))
+                elif op == "reopen":
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDWR)
+                    log.append(("reopen",))
+                check(op)
+                if step in remount_at:
+                    check_all("the operations before a remount")
+                    os.close(fd)
+                    vol.remount(*mount_args)
+                    fd = os.open(path, os.O_RDWR)
+                    log.append(("remount",))
+                    check_all("a remount")
+            check_all("the last operation")
+            os.close(fd)
+            vol.remount(*mount_args)
+            fd = os.open(path, os.O_RDONLY)
+            check_all("the final remount")
+            os.close(fd)
+            vol.unmount()
+            fsck = run([BIN, "fsck", "-q", vol.cipher], check=False)
+            self.assertEqual(fsck.returncode, 0, fsck.stdout + fsck.stderr)
+        finally:
+            vol.cleanup()
+
+    def test_4k_blocks(self):
+        self.run_fsx(seed=1, block_size=4096, ops=1500, remounts=3)
+
+    def test_16k_blocks(self):
+        self.run_fsx(seed=2, block_size=16384, ops=1000, remounts=3)
+
+    def test_without_writeback_cache(self):
+        self.run_fsx(seed=3, block_size=4096, ops=800, remounts=2, mount_args=("--no-writeback",))
+
+
+if __name__ == "__main__":
+    main()
