@@ -44,7 +44,7 @@ def drop_caches():
 
 
 def spread_children(path):
-    """Ask ext4 to place each subdirectory of path in a block group of its own (the Orlov
+    """Ask ext4 to spread the subdirectories of path over its block groups (the Orlov
     allocator's top-directory rule, chattr +T), so that each filesystem under test creates its
     files away from the inodes the others deleted.
 
@@ -53,7 +53,7 @@ def spread_children(path):
     the start of the group at every create. A cp -r right after another filesystem's rm -rf in
     the same groups spent most of its CREATE time in that scan: passthrough's CREATE took 43 us
     on its own and 91 us right after envelopefs' tree was deleted beside it, and the other way
-    round. Which filesystem followed whose delete then decided the cp -r column.
+    round. Which filesystem followed whose delete then moved the cp -r column.
     """
     FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
