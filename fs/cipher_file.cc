@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include <algorithm>
 #include <atomic>
@@ -421,6 +422,28 @@ Status CipherFile::clear_entries(uint64_t from, uint64_t to, WriteBatch& batch) 
   return Status::Ok();
 }
 
+Status CipherFile::check_growth(uint64_t new_size) {
+  const uint64_t have = size_ == 0 && !header_written_ ? 0 : layout_.page_count(size_);
+  const uint64_t need = layout_.page_count(new_size);
+  if (need <= have + kQuickGrowthPages) return Status::Ok();
+  // The last page the growth writes, reserved (not written: the size stays) where it will go.
+  // This is the backing filesystem's own answer to "can a file be this long" (EFBIG past ext4's
+  // 16 TiB), before a page is written, instead of after gigabytes of them. It stays reserved
+  // past the end if the growth fails later, as a fallocate with KEEP_SIZE would.
+  ENVELOPEFS_RETURN_IF_ERROR(io_.reserve(fd_, layout_.page_offset(need - 1), kMetaPageSize));
+  struct statvfs vfs;
+  if (fstatvfs(fd_, &vfs) == 0) {
+    // What an unprivileged writer may use: the blocks ext4 keeps back for root are not for
+    // metadata pages of a file nobody may ever write.
+    const uint64_t pages_bytes = (need - have) * kMetaPageSize;
+    if (vfs.f_bavail < pages_bytes / vfs.f_frsize + 1) {
+      return Status::Io(ENOSPC, "growth to " + std::to_string(new_size) + " bytes needs " +
+                                    std::to_string(pages_bytes >> 20) + " MiB of metadata pages");
+    }
+  }
+  return Status::Ok();
+}
+
 Status CipherFile::resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch) {
   const uint32_t bs = layout_.block_size();
   const uint64_t t = (std::min(old_size, new_size) - 1) / bs;
@@ -440,13 +463,17 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   Status st;
   // 0. Growth: claim the space first, so running out of it changes nothing.
   if (new_size > old_size) {
+    ENVELOPEFS_RETURN_IF_ERROR(check_growth(new_size));
     const uint64_t to = layout_.backing_size(new_size);
     // The first write of an empty file, below one step, reserves nothing: there is no old content
     // for a failure to spoil, and the failure path below truncates back to empty. A
     // fallocate per file was 8% of the daemon's syscall time in a copy of small files.
     const bool first_small_write = old_size == 0 && to <= kReserveStep;
     if (to > reserved_end_ && !first_small_write) {
-      const uint64_t from = std::max(reserved_end_, backing_end(old_size));
+      // A write that leaves a gap reserves from its own group on: the gap stays a hole on the
+      // backing filesystem too (its data areas are never written; its pages are 4 KiB each).
+      const uint64_t gap_end = first > old_count ? layout_.page_offset(Layout::page_of(first)) : 0;
+      const uint64_t from = std::max({reserved_end_, backing_end(old_size), gap_end});
       // Small files reserve exactly what they need (most files never reach a step, and then
       // nothing is left to trim at close); a file past one step reserves a step ahead.
       const uint64_t upto = to < kReserveStep ? to : (to + kReserveStep - 1) / kReserveStep * kReserveStep;
@@ -608,6 +635,8 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
   }
   WriteBatch batch;
   Status st;
+  if (new_size > old_size) st = check_growth(new_size);
+  if (!st.ok()) return st;
   if (new_size > old_size) {
     if (old_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);
     if (st.ok()) st = clear_entries(layout_.block_count(old_size), layout_.block_count(new_size), batch);
@@ -622,6 +651,9 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
   if (st.ok()) st = io_.truncate(fd_, backing_end(new_size));
   if (!st.ok()) {
     abandon(batch);
+    // A long growth writes its pages as it goes, each past the old end: take them back, so a
+    // failed truncate leaves the size it found.
+    if (new_size > old_size) (void)io_.truncate(fd_, backing_end(old_size));
     return st;
   }
   size_ = new_size;

@@ -102,6 +102,12 @@ class CipherFile {
   void abandon(WriteBatch& batch);
   // Makes entries [from, to) holes, materialising any pages in between (file growth).
   Status clear_entries(uint64_t from, uint64_t to, WriteBatch& batch);
+  // Before a growth to `new_size` writes the all-hole pages of the groups it adds (4 KiB per
+  // 128 KiB of growth, so a truncate to 1 TiB writes 32 GiB of them): refuses at once, having
+  // changed nothing, a size the backing filesystem cannot hold (EFBIG) or pages that would not
+  // fit in its free space (ENOSPC). Growths that add at most kQuickGrowthPages pages (32 MiB of file) skip the checks.
+  Status check_growth(uint64_t new_size);
+  static constexpr uint64_t kQuickGrowthPages = 256;
   // Re-seals the block holding the smaller of the two sizes at its length under the new size.
   Status resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch);
   Status write_locked(uint64_t offset, ByteView data);

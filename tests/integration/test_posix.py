@@ -495,6 +495,82 @@ class FileOps(VolumeTest):
             subprocess.run(["umount", vol.cipher], capture_output=True)
             vol.cleanup()
 
+    def test_growth_past_what_the_backing_filesystem_holds_fails_at_once(self):
+        # pjdfstest's truncate/12.t and ftruncate/12.t: a size past the maximum file size is
+        # EFBIG (or EINVAL, or ENOSPC) and changes nothing. Growing writes one metadata page per
+        # 128 KiB of new size (fs/FORMAT.md), so without asking the backing filesystem first a
+        # truncate to ~888 TiB wrote pages towards ext4's 16 TiB limit until the disk was full.
+        p = self.vol.path("huge")
+        write_file(p, b"hello")
+        back = self.backing_of(p)
+        before = os.stat(back)
+        for grow in (lambda: os.truncate(p, 999999999999999),
+                     lambda: self._ftruncate(p, 999999999999999)):
+            with self.assertRaises(OSError) as cm:
+                grow()
+            self.assertIn(cm.exception.errno, (errno.EFBIG, errno.EINVAL, errno.ENOSPC))
+            self.assertEqual(os.stat(p).st_size, 5)
+        after = os.stat(back)
+        self.assertEqual(after.st_size, before.st_size)
+        self.assertLess(after.st_blocks * 512, 1 << 20)
+        self.vol.remount()
+        self.assertEqual(read_file(p), b"hello")
+
+    @staticmethod
+    def _ftruncate(path, size):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def test_a_write_past_a_gap_leaves_the_gap_sparse(self):
+        # The gap's blocks are holes: only its metadata pages (4 KiB per 128 KiB) and the
+        # written group take space. It used to be reserved whole, so a write at 256 MiB into an
+        # empty file took 256 MiB of disk.
+        p = self.vol.path("gap")
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, b"far", 256 << 20)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.assertEqual(os.stat(p).st_size, (256 << 20) + 3)
+        back = os.stat(self.backing_of(p))
+        self.assertLess(back.st_blocks * 512, 16 << 20)
+        self.vol.remount()
+        with open(p, "rb") as f:
+            f.seek((256 << 20) - 5)
+            self.assertEqual(f.read(), bytes(5) + b"far")
+
+    def test_truncate_beyond_free_space_fails_and_changes_nothing(self):
+        # 1 GiB of growth needs 32 MiB of metadata pages; a 16 MiB backing filesystem cannot
+        # hold them: ENOSPC before any is written, and the file keeps its size and bytes.
+        vol = Volume(init=False)
+        try:
+            os.mkdir(vol.cipher)
+            run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", vol.cipher])
+            run([BIN, "init", "--kms", "file:" + vol.key, vol.cipher])
+            vol.mount()
+            p = vol.path("f")
+            write_file(p, b"before")
+            with self.assertRaises(OSError) as cm:
+                os.truncate(p, 1 << 30)
+            self.assertEqual(cm.exception.errno, errno.ENOSPC)
+            self.assertEqual(os.stat(p).st_size, 6)
+            used = sum(os.stat(b).st_size for b in vol.backing_files())
+            self.assertLess(used, 1 << 20)
+            os.truncate(p, 4 << 20)  # a growth that fits still works
+            self.assertEqual(os.stat(p).st_size, 4 << 20)
+            os.truncate(p, 6)
+            vol.remount()
+            self.assertEqual(read_file(p), b"before")
+        finally:
+            if is_mounted(vol.mnt):
+                vol.unmount()
+            subprocess.run(["umount", vol.cipher], capture_output=True)
+            vol.cleanup()
+
     def test_o_append(self):
         p = self.vol.path("log")
         for i in range(50):
