@@ -261,7 +261,7 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
   // FUSE_SET_ATTR_ATIME(4) MTIME(5) ATIME_NOW(7) MTIME_NOW(8); CTIME(10) comes with them
   // from the kernel's own time updates, and the backing filesystem sets ctime itself.
   constexpr int kTimes = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8), kCtime = 1 << 10;
-  if ((to_set & kTimes) && !is_link) {
+  if (to_set & kTimes) {
     timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     timespec ts[2];
@@ -278,6 +278,10 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
     }
     if (of) {
       ENVELOPEFS_RETURN_IF_ERROR(of->set_times(ts));  // its descriptor saves a /proc lookup
+    } else if (is_link) {
+      // The link's own times (utimensat with AT_SYMLINK_NOFOLLOW, `touch -h`): through /proc
+      // the path would be followed to the target, which is ciphertext naming nothing.
+      if (utimensat(i.fd, "", ts, AT_EMPTY_PATH) != 0) return errno_status("utimens");
     } else if (utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0) != 0) {
       return errno_status("utimens");
     }

@@ -676,6 +676,20 @@ class FileOps(VolumeTest):
         self.assertEqual(vfs.f_namemax, 255)
         self.assertGreater(vfs.f_blocks, 0)
 
+    def test_utimens_of_a_symlink_itself(self):
+        # utimensat(AT_SYMLINK_NOFOLLOW), `touch -h`, `cp -a` of a link: the link's own times
+        # change, the target's do not (they were silently left alone before).
+        target, link = self.vol.path("target"), self.vol.path("link")
+        write_file(target, b"t")
+        os.utime(target, ns=(7_000_000_000, 8_000_000_000))
+        os.symlink("target", link)
+        os.utime(link, ns=(3_000_000_001, 4_000_000_002), follow_symlinks=False)
+        self.assertEqual((os.lstat(link).st_atime_ns, os.lstat(link).st_mtime_ns), (3_000_000_001, 4_000_000_002))
+        self.assertEqual(os.stat(target).st_mtime_ns, 8_000_000_000)
+        self.vol.remount()
+        self.assertEqual(os.lstat(link).st_mtime_ns, 4_000_000_002)
+        self.assertEqual(os.stat(link).st_mtime_ns, 8_000_000_000)
+
     def test_utimens_on_an_open_file(self):
         # An open file's times are set through its backing descriptor (futimens), a closed
         # one's through the O_PATH handle: both must land, and an omitted time stay.
