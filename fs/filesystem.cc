@@ -717,6 +717,15 @@ bool unsupported_xattr(std::string_view name) {
   return name.rfind("system.", 0) == 0 || name == "security.capability";
 }
 
+// A name outside the namespaces Linux defines is EOPNOTSUPP on every local filesystem; the
+// kernel hands FUSE any name, so the daemon refuses it (it would otherwise store "foo.bar").
+bool unknown_xattr_namespace(std::string_view name) {
+  for (std::string_view ns : {"user.", "trusted.", "security.", "system."}) {
+    if (name.rfind(ns, 0) == 0) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 Status Filesystem::statfs(struct statvfs* out) {
@@ -730,7 +739,7 @@ Status Filesystem::statfs(struct statvfs* out) {
 Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (unsupported_xattr(name)) return Status::Io(EOPNOTSUPP, "setxattr");
+  if (unsupported_xattr(name) || unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "setxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ERANGE, "xattr name too long");
   auto val = encrypt_xattr_value(*keys_, *enc, value);
@@ -746,6 +755,7 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   if (!i.ok()) return i.status();
   // This is also the answer to the kernel's question before the first write to each file
   // ("any security.capability to strip?", fs/fuse_channel.h), without touching the disk.
+  if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "getxattr");
   if (unsupported_xattr(name)) return Status::Io(ENODATA, "getxattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
@@ -791,6 +801,7 @@ Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
 Status Filesystem::removexattr(uint64_t ino, const char* name) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
+  if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "removexattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
   if (::removexattr(proc_path((*i)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");

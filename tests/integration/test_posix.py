@@ -617,6 +617,13 @@ class FileOps(VolumeTest):
         self.assertEqual(cm.exception.errno, errno.ENODATA)
         with self.assertRaises(OSError):
             os.setxattr(p, "user.b", b"v", os.XATTR_CREATE)
+        # A namespace Linux does not define is refused, as ext4 refuses it, not stored.
+        for call in (lambda: os.setxattr(p, "bogus.x", b"v"), lambda: os.getxattr(p, "bogus.x"),
+                     lambda: os.removexattr(p, "bogus.x")):
+            with self.assertRaises(OSError) as cm:
+                call()
+            self.assertEqual(cm.exception.errno, errno.EOPNOTSUPP)
+        self.assertEqual(sorted(os.listxattr(p)), ["user.b"])
 
     def test_file_capabilities_are_refused(self):
         # Not stored (README "POSIX behaviour"): the kernel's question before a file's first
