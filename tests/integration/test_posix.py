@@ -1,5 +1,6 @@
 """POSIX behaviour of a mounted volume: round trips across remount, confidentiality of the
 cipher dir, and the operations a local filesystem must support."""
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -470,15 +471,26 @@ class FileOps(VolumeTest):
         data = read_file(p)
         self.assertEqual(data, b"head" + bytes((8 << 20) - 8) + b"tail")
 
-    def test_fallocate_without_space_fails_and_changes_nothing(self):
+    @contextlib.contextmanager
+    def volume_on_16_mib(self):
+        """A mounted volume whose cipher dir is a 16 MiB tmpfs, holding "f" = b"before"."""
         vol = Volume(init=False)
         try:
             os.mkdir(vol.cipher)
             run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", vol.cipher])
             run([BIN, "init", "--kms", "file:" + vol.key, vol.cipher])
             vol.mount()
+            write_file(vol.path("f"), b"before")
+            yield vol
+        finally:
+            if is_mounted(vol.mnt):
+                vol.unmount()
+            subprocess.run(["umount", vol.cipher], capture_output=True)
+            vol.cleanup()
+
+    def test_fallocate_without_space_fails_and_changes_nothing(self):
+        with self.volume_on_16_mib() as vol:
             p = vol.path("f")
-            write_file(p, b"before")
             fd = os.open(p, os.O_RDWR)
             try:
                 with self.assertRaises(OSError) as cm:
@@ -489,11 +501,6 @@ class FileOps(VolumeTest):
                 os.close(fd)
             vol.remount()
             self.assertEqual(read_file(p), b"before")
-        finally:
-            if is_mounted(vol.mnt):
-                vol.unmount()
-            subprocess.run(["umount", vol.cipher], capture_output=True)
-            vol.cleanup()
 
     def test_growth_past_what_the_backing_filesystem_holds_fails_at_once(self):
         # pjdfstest's truncate/12.t and ftruncate/12.t: a size past the maximum file size is
@@ -546,14 +553,8 @@ class FileOps(VolumeTest):
     def test_truncate_beyond_free_space_fails_and_changes_nothing(self):
         # 1 GiB of growth needs 32 MiB of metadata pages; a 16 MiB backing filesystem cannot
         # hold them: ENOSPC before any is written, and the file keeps its size and bytes.
-        vol = Volume(init=False)
-        try:
-            os.mkdir(vol.cipher)
-            run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", vol.cipher])
-            run([BIN, "init", "--kms", "file:" + vol.key, vol.cipher])
-            vol.mount()
+        with self.volume_on_16_mib() as vol:
             p = vol.path("f")
-            write_file(p, b"before")
             with self.assertRaises(OSError) as cm:
                 os.truncate(p, 1 << 30)
             self.assertEqual(cm.exception.errno, errno.ENOSPC)
@@ -565,11 +566,6 @@ class FileOps(VolumeTest):
             os.truncate(p, 6)
             vol.remount()
             self.assertEqual(read_file(p), b"before")
-        finally:
-            if is_mounted(vol.mnt):
-                vol.unmount()
-            subprocess.run(["umount", vol.cipher], capture_output=True)
-            vol.cleanup()
 
     def test_o_append(self):
         p = self.vol.path("log")
