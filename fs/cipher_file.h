@@ -105,7 +105,8 @@ class CipherFile {
   // Before a growth to `new_size` writes the all-hole pages of the groups it adds (4 KiB per
   // 128 KiB of growth, so a truncate to 1 TiB writes 32 GiB of them): refuses at once, having
   // changed nothing, a size the backing filesystem cannot hold (EFBIG) or pages that would not
-  // fit in its free space (ENOSPC). Growths that add at most kQuickGrowthPages pages (32 MiB of file) skip the checks.
+  // fit in its free space (ENOSPC). A growth that adds at most kQuickGrowthPages pages (32 MiB
+  // of file at 4 KiB blocks) skips the checks.
   Status check_growth(uint64_t new_size);
   static constexpr uint64_t kQuickGrowthPages = 256;
   // Re-seals the block holding the smaller of the two sizes at its length under the new size.

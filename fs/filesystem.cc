@@ -739,7 +739,9 @@ Status Filesystem::statfs(struct statvfs* out) {
 Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (unsupported_xattr(name) || unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "setxattr");
+  if (unsupported_xattr(name) || unknown_xattr_namespace(name)) {
+    return Status::Io(EOPNOTSUPP, "setxattr");
+  }
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ERANGE, "xattr name too long");
   auto val = encrypt_xattr_value(*keys_, *enc, value);

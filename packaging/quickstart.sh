@@ -18,7 +18,10 @@ if grep -q " $mnt fuse.envelopefs " /proc/self/mounts; then
 else
   [[ -f $cipher/envelopefs.conf ]] || envelopefs init "$cipher"
   mkdir -p "$mnt"
-  envelopefs mount "$cipher" "$mnt"
+  # --allow-other: other users (a database's own user, a test suite dropping privileges) reach
+  # files by their modes and owners, as on any local filesystem; without it FUSE refuses
+  # everyone but root. The kernel checks permissions (default_permissions) either way.
+  envelopefs mount --allow-other "$cipher" "$mnt"
 fi
 echo "hello from envelopefs" > "$mnt/hello.txt"
 envelopefs status "$mnt"
