@@ -426,11 +426,6 @@ Status CipherFile::check_growth(uint64_t new_size) {
   const uint64_t have = size_ == 0 && !header_written_ ? 0 : layout_.page_count(size_);
   const uint64_t need = layout_.page_count(new_size);
   if (need <= have + kQuickGrowthPages) return Status::Ok();
-  // The last page the growth writes, reserved (not written: the size stays) where it will go.
-  // This is the backing filesystem's own answer to "can a file be this long" (EFBIG past ext4's
-  // 16 TiB), before a page is written, instead of after gigabytes of them. It stays reserved
-  // past the end if the growth fails later, as a fallocate with KEEP_SIZE would.
-  ENVELOPEFS_RETURN_IF_ERROR(io_.reserve(fd_, layout_.page_offset(need - 1), kMetaPageSize));
   struct statvfs vfs;
   if (fstatvfs(fd_, &vfs) == 0) {
     // What an unprivileged writer may use: the blocks ext4 keeps back for root are not for
@@ -441,7 +436,12 @@ Status CipherFile::check_growth(uint64_t new_size) {
                                     std::to_string(pages_bytes >> 20) + " MiB of metadata pages");
     }
   }
-  return Status::Ok();
+  // The last page the growth writes, reserved (not written: the size stays) where it will go.
+  // This is the backing filesystem's own answer to "can a file be this long" (EFBIG past ext4's
+  // 16 TiB), before a page is written, instead of after gigabytes of them. Last of the checks,
+  // so a refusal leaves nothing reserved; a growth that fails later takes it back with the
+  // pages it wrote (its truncate back to the old end).
+  return io_.reserve(fd_, layout_.page_offset(need - 1), kMetaPageSize);
 }
 
 Status CipherFile::resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch) {
