@@ -239,6 +239,71 @@ def namespace_steps(d):
     return s
 
 
+def as_user(uid, groups, fn):
+    """fn() in a child with uid and supplementary groups (the first is the gid)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups(groups)
+            os.setegid(groups[0])
+            os.seteuid(uid)
+            fn()
+        except OSError as e:
+            code = 100 + e.errno
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return "ok" if code == 0 else errno.errorcode.get(code - 100, code)
+
+
+def ownership_steps(d):
+    """pjdfstest's chown/00, chmod/00 and the sticky-directory rename and unlink cases."""
+    j = lambda *p: os.path.join(d, *p)
+    os.chmod(d, 0o777)
+    s = []
+    mode_owner = lambda p: (oct(os.lstat(p).st_mode & 0o7777), os.lstat(p).st_uid, os.lstat(p).st_gid)
+    for kind in ("file", "dir", "fifo"):
+        p = j(kind)
+        {"file": lambda: open(p, "w").close(), "dir": lambda: os.mkdir(p), "fifo": lambda: os.mkfifo(p)}[kind]()
+        os.chown(p, NOBODY, 65533)
+        s.append((kind + ": owner changes group to one of theirs",
+                  as_user(NOBODY, [65532, 65531], lambda: os.chown(p, -1, 65532)), mode_owner(p)))
+        s.append((kind + ": owner gives it away", as_user(NOBODY, [65532], lambda: os.chown(p, 0, -1))))
+        s.append((kind + ": group not theirs", as_user(NOBODY, [65532], lambda: os.chown(p, -1, 65530))))
+        s.append((kind + ": -1 -1 by anyone", as_user(65530, [65530], lambda: os.chown(p, -1, -1))))
+        os.chmod(p, 0o6555)
+        s.append((kind + ": root chown keeps or drops set-ID", os.chown(p, 65532, 65531), mode_owner(p)))
+        os.chown(p, NOBODY, 65533)
+        os.chmod(p, 0o6555)
+        s.append((kind + ": owner's chown drops set-ID",
+                  as_user(NOBODY, [65533, 65532], lambda: os.chown(p, NOBODY, 65532)), mode_owner(p)))
+        s.append((kind + ": chmod by others", as_user(65530, [65530], lambda: os.chmod(p, 0o777)), mode_owner(p)))
+        os.chown(p, NOBODY, 0)
+        s.append((kind + ": owner's set-group-ID for a group not theirs",
+                  as_user(NOBODY, [NOBODY], lambda: os.chmod(p, 0o2755)), mode_owner(p)))
+        c = os.lstat(p).st_ctime_ns
+        s.append((kind + ": failed chown leaves ctime", as_user(65530, [65530], lambda: os.chown(p, 65530, -1)),
+                  os.lstat(p).st_ctime_ns == c))
+    os.mkdir(j("sticky"))
+    os.chmod(j("sticky"), 0o1777)
+    for name, owner in (("mine", NOBODY), ("theirs", 65533)):
+        open(j("sticky", name), "w").close()
+        os.chown(j("sticky", name), owner, owner)
+    s.append(("sticky: rename own", as_user(NOBODY, [NOBODY], lambda: os.rename(j("sticky", "mine"), j("sticky", "mine2")))))
+    s.append(("sticky: rename another's", as_user(NOBODY, [NOBODY], lambda: os.rename(j("sticky", "theirs"), j("sticky", "x")))))
+    s.append(("sticky: replace another's", as_user(NOBODY, [NOBODY], lambda: os.rename(j("sticky", "mine2"), j("sticky", "theirs")))))
+    s.append(("sticky: unlink another's", as_user(NOBODY, [NOBODY], lambda: os.unlink(j("sticky", "theirs")))))
+    s.append(("sticky: unlink own", as_user(NOBODY, [NOBODY], lambda: os.unlink(j("sticky", "mine2")))))
+    os.mkdir(j("sgid"))
+    os.chown(j("sgid"), 0, 65531)
+    os.chmod(j("sgid"), 0o2777)
+    as_user(NOBODY, [NOBODY], lambda: os.mkdir(j("sgid", "sub")))
+    as_user(NOBODY, [NOBODY], lambda: open(j("sgid", "f"), "w").close())
+    s.append(("set-group-ID directory passes its group down", mode_owner(j("sgid", "sub")), mode_owner(j("sgid", "f"))))
+    return s
+
+
 class Differential(VolumeTest):
     mount_args = ("--allow-other",)
 
@@ -267,6 +332,9 @@ class Differential(VolumeTest):
 
     def test_namespace_operations(self):
         self.compare(namespace_steps)
+
+    def test_ownership_and_permissions(self):
+        self.compare(ownership_steps)
 
 
 if __name__ == "__main__":
