@@ -41,15 +41,15 @@ def outcome(fn):
         return ("err", errno.errorcode.get(e.errno, e.errno))
 
 
-def as_nobody(fn):
-    """fn() in a child with uid/gid 65534: "ok" or the errno's name."""
+def as_user(uid, groups, fn):
+    """fn() in a child with uid and supplementary groups (the first is the gid)."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            os.setgroups([NOBODY])
-            os.setegid(NOBODY)
-            os.seteuid(NOBODY)
+            os.setgroups(groups)
+            os.setegid(groups[0])
+            os.seteuid(uid)
             fn()
         except OSError as e:
             code = 100 + e.errno
@@ -57,6 +57,11 @@ def as_nobody(fn):
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     return "ok" if code == 0 else errno.errorcode.get(code - 100, code)
+
+
+def as_nobody(fn):
+    """fn() in a child with uid/gid 65534: "ok" or the errno's name."""
+    return as_user(NOBODY, [NOBODY], fn)
 
 
 def utimensat_omit_atime(path, mtime):
@@ -237,24 +242,6 @@ def namespace_steps(d):
     os.close(fd)
     s.append(("NAME_MAX", os.statvfs(d).f_namemax))
     return s
-
-
-def as_user(uid, groups, fn):
-    """fn() in a child with uid and supplementary groups (the first is the gid)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setgroups(groups)
-            os.setegid(groups[0])
-            os.seteuid(uid)
-            fn()
-        except OSError as e:
-            code = 100 + e.errno
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return "ok" if code == 0 else errno.errorcode.get(code - 100, code)
 
 
 def ownership_steps(d):
