@@ -423,7 +423,7 @@ Status CipherFile::clear_entries(uint64_t from, uint64_t to, WriteBatch& batch) 
 }
 
 Status CipherFile::check_growth(uint64_t new_size) {
-  const uint64_t have = size_ == 0 && !header_written_ ? 0 : layout_.page_count(size_);
+  const uint64_t have = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
   const uint64_t need = layout_.page_count(new_size);
   if (need <= have + kQuickGrowthPages) return Status::Ok();
   struct statvfs vfs;
@@ -633,10 +633,9 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
     reserved_end_ = backing_end(size_);
     return Status::Ok();
   }
+  if (new_size > old_size) ENVELOPEFS_RETURN_IF_ERROR(check_growth(new_size));
   WriteBatch batch;
   Status st;
-  if (new_size > old_size) st = check_growth(new_size);
-  if (!st.ok()) return st;
   if (new_size > old_size) {
     if (old_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);
     if (st.ok()) st = clear_entries(layout_.block_count(old_size), layout_.block_count(new_size), batch);

@@ -276,13 +276,12 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
       of->defer_times(ts, (to_set & kCtime) ? attr.st_ctim : now);
       return stat_inode(i, out);
     }
+    // An open file through its descriptor; anything else through its O_PATH handle, naming the
+    // node itself: a symlink's own times too (`touch -h`), where a path through /proc would be
+    // followed to the target, ciphertext naming nothing.
     if (of) {
-      ENVELOPEFS_RETURN_IF_ERROR(of->set_times(ts));  // its descriptor saves a /proc lookup
-    } else if (is_link) {
-      // The link's own times (utimensat with AT_SYMLINK_NOFOLLOW, `touch -h`): through /proc
-      // the path would be followed to the target, which is ciphertext naming nothing.
-      if (utimensat(i.fd, "", ts, AT_EMPTY_PATH) != 0) return errno_status("utimens");
-    } else if (utimensat(AT_FDCWD, proc_path(i.fd).c_str(), ts, 0) != 0) {
+      ENVELOPEFS_RETURN_IF_ERROR(of->set_times(ts));
+    } else if (utimensat(i.fd, "", ts, AT_EMPTY_PATH) != 0) {
       return errno_status("utimens");
     }
   }
