@@ -176,10 +176,12 @@ int main(int argc, char** argv) {
 
   auto* init = app.add_subcommand("init", "create a new volume in an empty (or new) directory");
   init->add_option("--kms", kms,
-                   "root key provider URI: file:/ABSOLUTE/PATH or pass:[?ops=N&mem-kib=N]\n"
+                   "root key provider URI: file:/ABSOLUTE/PATH, pass:[?ops=N&mem-kib=N], or\n"
+                   "pkcs11:token=T;object=K?module-path=M&pin-source=file:P (RFC 7512; the key is\n"
+                   "generated on the token if absent)\n"
                    "(default: file:" + default_root_key_path() + ", created if absent)");
   init->add_option("--block-size", block_size, "plaintext block size: 4096 (default) to 65536, a power of two");
-  init->add_option("--passfile", po.passfile, "pass: read the passphrase from this file");
+  init->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   init->add_option("CIPHERDIR", dir, "where the encrypted files will live")->required();
 
   auto* mount = app.add_subcommand("mount", "mount a volume; returns once the mount is ready");
@@ -188,7 +190,7 @@ int main(int argc, char** argv) {
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
                                 "no_uring, no_writeback, direct_backing, fuse_transport=T");
-  mount->add_option("--passfile", mo.provider.passfile, "pass: read the passphrase from this file");
+  mount->add_option("--passfile", mo.provider.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
   mount->add_flag("--no-writeback", [&](int64_t) { mo.fs.writeback_cache = false; },
@@ -217,7 +219,7 @@ int main(int argc, char** argv) {
   status->add_option("PATH", dir, "a cipher dir or a mountpoint")->required();
 
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
-  fsck->add_option("--passfile", po.passfile, "pass: read the passphrase from this file");
+  fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
   fsck->add_option("CIPHERDIR", dir)->required();
 

@@ -6,6 +6,7 @@
 
 #include "keyhierarchy/file_provider.h"
 #include "keyhierarchy/pass_provider.h"
+#include "keyhierarchy/pkcs11_provider.h"
 
 namespace envelopefs {
 
@@ -32,8 +33,9 @@ Result<std::unique_ptr<RootKeyProvider>> make_root_provider(const std::string& u
     }
     return make_pass_provider(rest, params, options, creating);
   }
+  if (uri.rfind("pkcs11:", 0) == 0) return make_pkcs11_provider(uri, options, creating);
   return Status(Code::kUnsupported, "unknown key provider '" + uri +
-                                        "' (supported: file:/ABSOLUTE/PATH, pass:)");
+                                        "' (supported: file:/ABSOLUTE/PATH, pass:, pkcs11:URI)");
 }
 
 }  // namespace envelopefs

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""The root key on a PKCS#11 token: a real SoftHSM2 token in a private token directory.
+
+init generates the key on the token; mount unwraps through the token; every way the token
+can refuse (wrong PIN, key gone, token gone, an altered wrapped key, a key that could leave
+the token) fails closed with a message that says which, and nothing is mounted.
+"""
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import BIN, Volume, is_mounted, main, read_file, run, write_file  # noqa: E402
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+UTIL = shutil.which("softhsm2-util")
+USER_PIN, SO_PIN = "4711-user", "0815-so"
+
+
+class Token:
+    """A SoftHSM2 token directory of our own (SOFTHSM2_CONF), with one initialised token."""
+
+    def __init__(self, root, label="envelopefs"):
+        self.dir = os.path.join(root, "tokens")
+        os.mkdir(self.dir)
+        self.conf = os.path.join(root, "softhsm2.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"directories.tokendir = {self.dir}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = self.conf  # inherited by init, mount and the daemon
+        self.label = label
+        self.pin_file = os.path.join(root, "token.pin")
+        self.set_pin_file(USER_PIN)
+        self.create()
+
+    def util(self, *args):
+        return run([UTIL, *args])
+
+    def create(self):
+        self.util("--init-token", "--free", "--label", self.label, "--pin", USER_PIN, "--so-pin", SO_PIN)
+
+    def delete(self):
+        self.util("--delete-token", "--token", self.label)
+
+    def set_pin_file(self, pin, mode=0o600):
+        with open(self.pin_file, "w") as f:
+            f.write(pin + "\n")
+        os.chmod(self.pin_file, mode)
+
+    def uri(self, obj="root", **extra):
+        query = {"module-path": MODULE, "pin-source": "file:" + self.pin_file, **extra}
+        return f"pkcs11:token={self.label};object={obj}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+class Pkcs11Test(unittest.TestCase):
+    def setUp(self):
+        if UTIL is None or not os.path.exists(MODULE):
+            self.fail("SoftHSM2 is not installed (packaging/install-deps.sh installs softhsm2)")
+        self.vol = Volume(init=False)
+        self.token = Token(self.vol.root)
+
+    def tearDown(self):
+        self.vol.cleanup()
+        os.environ.pop("SOFTHSM2_CONF", None)
+
+    def init(self, uri, check=True):
+        return run([BIN, "init", "--kms", uri, self.vol.cipher], check=check)
+
+    def mount_fails(self, *expected):
+        """Mounting must fail, say each of `expected`, and leave nothing mounted."""
+        r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
+        self.assertNotEqual(r.returncode, 0, "mount succeeded where it must fail closed")
+        self.assertFalse(is_mounted(self.vol.mnt))
+        for text in expected:
+            self.assertIn(text, r.stderr)
+        return r.stderr
+
+    def config(self):
+        with open(os.path.join(self.vol.cipher, "envelopefs.conf")) as f:
+            return json.load(f)
+
+    def test_init_makes_the_key_on_the_token_and_mounts_through_it(self):
+        r = self.init(self.token.uri())
+        self.assertIn("PKCS#11 key 'root' on token 'envelopefs'", r.stdout)
+        conf = self.config()
+        self.assertEqual(conf["root"]["uri"], self.token.uri())
+        self.assertNotIn(USER_PIN, json.dumps(conf), "the PIN must never be in the config")
+        self.vol.mount()
+        write_file(self.vol.path("secret.txt"), b"held under an HSM key\n", fsync=True)
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("secret.txt")), b"held under an HSM key\n")
+        status = run([BIN, "status", self.vol.cipher]).stdout
+        self.assertIn("pkcs11:token=envelopefs;object=root", status)
+        self.assertNotIn(USER_PIN, status)
+
+    def test_a_second_volume_shares_the_key_but_not_the_wrapped_keys(self):
+        self.init(self.token.uri())
+        other = tempfile.mkdtemp(prefix="efs-it-", dir=os.path.dirname(self.vol.root))
+        try:
+            cipher2 = os.path.join(other, "cipher")
+            run([BIN, "init", "--kms", self.token.uri(), cipher2])  # the existing key, reused
+            # Volume 1's wrapped DEK in volume 2's config: the wrap context (volume id) differs.
+            conf1 = self.config()
+            path2 = os.path.join(cipher2, "envelopefs.conf")
+            with open(path2) as f:
+                conf2 = json.load(f)
+            conf2["deks"][0]["wrapped"] = conf1["deks"][0]["wrapped"]
+            with open(path2, "w") as f:
+                json.dump(conf2, f)
+            mnt2 = os.path.join(other, "mnt")
+            os.mkdir(mnt2)
+            r = run([BIN, "mount", cipher2, mnt2], check=False)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertFalse(is_mounted(mnt2))
+            self.assertIn("altered", r.stderr)
+        finally:
+            shutil.rmtree(other, ignore_errors=True)
+        self.vol.mount()  # volume 1 itself is untouched
+
+    def test_a_wrong_pin_fails_closed_and_the_right_one_mounts_again(self):
+        self.init(self.token.uri())
+        self.token.set_pin_file("0000")
+        self.mount_fails("refused the user PIN", "PIN is incorrect")
+        self.token.set_pin_file(USER_PIN)
+        self.vol.mount()
+        write_file(self.vol.path("f"), b"x")
+        self.vol.unmount()
+
+    def test_a_key_destroyed_on_the_token_is_crypto_shredding(self):
+        self.init(self.token.uri())
+        self.vol.mount()
+        write_file(self.vol.path("f"), b"gone with the key", fsync=True)
+        self.vol.unmount()
+        self.token.delete()
+        self.mount_fails("key service unreachable", "no token matching")
+        self.token.create()  # same label, same PIN, but a new token without the key
+        self.mount_fails("access denied", "key 'root' is not on token 'envelopefs'")
+
+    def test_an_altered_wrapped_key_fails_authentication(self):
+        self.init(self.token.uri())
+        conf = self.config()
+        wrapped = bytearray(base64.b64decode(conf["deks"][0]["wrapped"]))
+        wrapped[20] ^= 0x01
+        conf["deks"][0]["wrapped"] = base64.b64encode(bytes(wrapped)).decode()
+        with open(os.path.join(self.vol.cipher, "envelopefs.conf"), "w") as f:
+            json.dump(conf, f)
+        self.mount_fails("altered")
+
+    def test_a_key_that_is_not_aes_256_is_refused(self):
+        key = os.path.join(self.vol.root, "aes128.key")
+        with open(key, "wb") as f:
+            f.write(bytes.fromhex("000102030405060708090a0b0c0d0e0f"))
+        self.token.util("--import", key, "--aes", "--token", self.token.label, "--label", "short",
+                        "--id", "0102", "--pin", USER_PIN)
+        r = self.init(self.token.uri(obj="short"), check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("is not an AES-256 key", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.vol.cipher, "envelopefs.conf")))
+
+    def test_uris_that_would_put_a_secret_in_the_config_or_name_nothing_are_refused(self):
+        cases = [
+            (self.token.uri().replace("pin-source=file:" + self.token.pin_file, "pin-value=" + USER_PIN),
+             "pin-value"),
+            (f"pkcs11:token=envelopefs;object=root?pin-source=file:{self.token.pin_file}", "module-path"),
+            (f"pkcs11:token=envelopefs?module-path={MODULE}&pin-source=file:{self.token.pin_file}",
+             "must name the key"),
+            ("pkcs11:token=envelopefs;object=root;bogus", "not a PKCS#11 URI"),
+        ]
+        for uri, expected in cases:
+            with self.subTest(uri=uri):
+                r = self.init(uri, check=False)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn(expected, r.stderr)
+                self.assertNotIn(USER_PIN, r.stderr + r.stdout)
+        self.token.set_pin_file(USER_PIN, mode=0o644)
+        r = self.init(self.token.uri(), check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("readable by anyone", r.stderr)
+
+
+if __name__ == "__main__":
+    main()
