@@ -1,12 +1,15 @@
 // The envelopefs command line: init, mount, unmount, status, fsck.
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -23,6 +26,34 @@
 
 namespace envelopefs {
 namespace {
+
+int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOptions& current,
+               const ProviderOptions& next) {
+  // One re-wrap at a time per volume: two would each write a config wrapped by their own root.
+  int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) {
+    std::fprintf(stderr, "envelopefs rewrap: cannot open %s: %s\n", dir.c_str(), std::strerror(errno));
+    return 1;
+  }
+  if (flock(dfd, LOCK_EX | LOCK_NB) != 0) {
+    std::fprintf(stderr, "envelopefs rewrap: another rewrap of %s is running\n", dir.c_str());
+    close(dfd);
+    return 1;
+  }
+  auto before = load_config(dir);
+  auto after = before.ok() ? rewrap_root(dir, current, to, next) : Result<VolumeConfig>(before.status());
+  close(dfd);
+  if (!after.ok()) {
+    std::fprintf(stderr, "envelopefs rewrap: %s\nnothing was changed\n", after.status().to_string().c_str());
+    return 1;
+  }
+  std::printf("re-wrapped %zu DEK version(s) and the name key of volume %s\n  old root: %s\n  new root: %s\n"
+              "No data was re-encrypted. The old root is no longer needed by this volume, but copies\n"
+              "of envelopefs.conf taken before now still need it to open.\n",
+              after->deks.size(), to_hex(after->volume_id).c_str(), before->root_uri.c_str(),
+              after->root_uri.c_str());
+  return 0;
+}
 
 int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size, const ProviderOptions& po) {
   std::error_code ec;
@@ -156,7 +187,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
 int main(int argc, char** argv) {
   using namespace envelopefs;
   // `envelopefs CIPHERDIR MOUNTPOINT -o OPTS`, the form mount.fuse3 uses for fuse.envelopefs.
-  static const std::set<std::string> kCommands = {"init", "mount", "unmount", "umount", "status", "fsck"};
+  static const std::set<std::string> kCommands = {"init", "mount", "unmount", "umount", "status", "fsck", "rewrap"};
   std::vector<std::string> args(argv, argv + argc);
   if (args.size() >= 3 && args[1][0] != '-' && !kCommands.count(args[1])) {
     args.insert(args.begin() + 1, "mount");
@@ -218,6 +249,16 @@ int main(int argc, char** argv) {
   status->add_flag("--json", json, "machine-readable output");
   status->add_option("PATH", dir, "a cipher dir or a mountpoint")->required();
 
+  std::string rewrap_to;
+  ProviderOptions next_po;
+  auto* rewrap = app.add_subcommand(
+      "rewrap", "re-wrap the volume's keys under another root key (rotation, or a move to another\n"
+                "provider); no data is re-encrypted, and a mounted volume keeps running");
+  rewrap->add_option("--to", rewrap_to, "the new root key provider URI (as for init --kms)")->required();
+  rewrap->add_option("--passfile", po.passfile, "the current root's passphrase / PIN file");
+  rewrap->add_option("--new-passfile", next_po.passfile, "the new root's passphrase / PIN file");
+  rewrap->add_option("CIPHERDIR", dir)->required();
+
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
   fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
@@ -243,5 +284,6 @@ int main(int argc, char** argv) {
   if (*unmount) return run_unmount(mountpoint);
   if (*status) return cmd_status(dir, json);
   if (*fsck) return run_fsck(dir, po, quiet);
+  if (*rewrap) return cmd_rewrap(dir, rewrap_to, po, next_po);
   return 1;
 }

@@ -60,6 +60,15 @@ Result<OpenedVolume> create_volume(const std::string& cipher_dir, const CreateOp
 // Loads and verifies the config, unwraps every DEK version and the name key. Fails closed.
 Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOptions& options);
 
+// Root rotation, or a move to another provider: unwraps every DEK version and the name key
+// through the current root (checking the config MAC), wraps each under `new_uri` (creating
+// its key where the provider does: a key file, a token key) and replaces the config
+// atomically, once each new wrap has been unwrapped again. O(number of DEK versions): no
+// data, metadata page or name is touched, and a mounted volume keeps running. The old root
+// is not destroyed; until it is, it still opens copies of the config taken before.
+Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOptions& current,
+                                 const std::string& new_uri, const ProviderOptions& next);
+
 // The associated data of a root wrap (labels.h + volume id + version); public for tests.
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);
 

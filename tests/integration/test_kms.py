@@ -6,6 +6,7 @@ can refuse (wrong PIN, key gone, token gone, an altered wrapped key, a key that 
 the token) fails closed with a message that says which, and nothing is mounted.
 """
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -55,7 +56,9 @@ class Token:
         return f"pkcs11:token={self.label};object={obj}?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
-class Pkcs11Test(unittest.TestCase):
+class TokenTest(unittest.TestCase):
+    """A volume directory and a fresh token of its own for each test."""
+
     def setUp(self):
         if UTIL is None or not os.path.exists(MODULE):
             self.fail("SoftHSM2 is not installed (packaging/install-deps.sh installs softhsm2)")
@@ -81,6 +84,10 @@ class Pkcs11Test(unittest.TestCase):
     def config(self):
         with open(os.path.join(self.vol.cipher, "envelopefs.conf")) as f:
             return json.load(f)
+
+
+class Pkcs11Test(TokenTest):
+    """The pkcs11: provider: init, mount, and every refusal."""
 
     def test_init_makes_the_key_on_the_token_and_mounts_through_it(self):
         r = self.init(self.token.uri())
@@ -179,6 +186,98 @@ class Pkcs11Test(unittest.TestCase):
         r = self.init(self.token.uri(), check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("readable by anyone", r.stderr)
+
+
+def tree_digest(cipher):
+    """Every backing file's content but the config's: what a rewrap must not touch."""
+    out = {}
+    for d, _, files in os.walk(cipher):
+        for f in files:
+            if f != "envelopefs.conf":
+                p = os.path.join(d, f)
+                out[os.path.relpath(p, cipher)] = hashlib.sha256(read_file(p)).hexdigest()
+    return out
+
+
+class RewrapTest(TokenTest):
+    """`envelopefs rewrap`: the root changes, the data does not."""
+
+    def rewrap(self, to, *args, check=True):
+        return run([BIN, "rewrap", "--to", to, *args, self.vol.cipher], check=check)
+
+    def conf_bytes(self):
+        return read_file(os.path.join(self.vol.cipher, "envelopefs.conf"))
+
+    def test_a_key_file_volume_moves_onto_the_token_while_mounted(self):
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        backup = os.path.join(self.vol.root, "backup")
+        self.vol.mount()
+        os.mkdir(self.vol.path("d"))
+        for i in range(20):
+            write_file(self.vol.path("d", f"f{i}"), os.urandom(5000 + i), fsync=True)
+        expected = {f"f{i}": read_file(self.vol.path("d", f"f{i}")) for i in range(20)}
+        self.vol.unmount()
+        shutil.copytree(self.vol.cipher, backup)  # a backup taken before the rotation
+        self.vol.mount()
+        before = tree_digest(self.vol.cipher)
+
+        r = self.rewrap(self.token.uri())
+        self.assertIn("re-wrapped 1 DEK version(s) and the name key", r.stdout)
+        self.assertEqual(tree_digest(self.vol.cipher), before, "a rewrap must not touch any data file")
+        self.assertEqual(self.config()["root"]["uri"], self.token.uri())
+        # The running mount is unaffected.
+        self.assertEqual(read_file(self.vol.path("d", "f3")), expected["f3"])
+        write_file(self.vol.path("d", "after"), b"written after the rewrap", fsync=True)
+        self.vol.unmount()
+
+        os.unlink(self.vol.key)  # the old root is gone: only the token opens the volume now
+        self.vol.mount()
+        for name, data in expected.items():
+            self.assertEqual(read_file(self.vol.path("d", name)), data)
+        self.assertEqual(read_file(self.vol.path("d", "after")), b"written after the rewrap")
+        self.vol.unmount()
+
+        # The backup's data is under the same DEK: the current config opens it.
+        shutil.copy(os.path.join(self.vol.cipher, "envelopefs.conf"), os.path.join(backup, "envelopefs.conf"))
+        mnt2 = os.path.join(self.vol.root, "mnt2")
+        os.mkdir(mnt2)
+        run([BIN, "mount", backup, mnt2])
+        try:
+            self.assertEqual(read_file(os.path.join(mnt2, "d", "f7")), expected["f7"])
+        finally:
+            run([BIN, "unmount", mnt2])
+
+    def test_a_rotation_on_the_token_makes_a_new_key_and_the_volume_follows(self):
+        self.init(self.token.uri(obj="root-2026"))
+        self.vol.mount()
+        write_file(self.vol.path("f"), b"rotated", fsync=True)
+        self.vol.unmount()
+        r = self.rewrap(self.token.uri(obj="root-2027"))
+        self.assertIn("root-2027", r.stdout)
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("f")), b"rotated")
+        self.vol.unmount()
+
+    def test_a_rewrap_that_fails_changes_nothing(self):
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        original = self.conf_bytes()
+        self.token.set_pin_file("0000")
+        r = self.rewrap(self.token.uri(), check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("the new root", r.stderr)
+        self.assertIn("nothing was changed", r.stderr)
+        self.assertEqual(self.conf_bytes(), original)
+        self.token.set_pin_file(USER_PIN)
+        os.rename(self.vol.key, self.vol.key + ".saved")
+        with open(self.vol.key, "wb") as f:  # another key where the current one was
+            f.write(os.urandom(32))
+        os.chmod(self.vol.key, 0o600)
+        r = self.rewrap(self.token.uri(), check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("cannot unwrap DEK version 1", r.stderr)
+        self.assertEqual(self.conf_bytes(), original)
+        os.replace(self.vol.key + ".saved", self.vol.key)
+        self.vol.mount()  # still opens with the key it always had
 
 
 if __name__ == "__main__":
