@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fs/inode_table.h"
+#include "fs/key_gate.h"
 #include "fs/io_backend.h"
 #include "keyhierarchy/volume_keys.h"
 
@@ -42,6 +43,11 @@ class Filesystem {
              std::unique_ptr<IoBackend> io, FsOptions options);
   const FsOptions& options() const { return options_; }
   IoBackend& io() { return *io_; }
+  // Revocation (fs/key_watch.h): requests pass the gate; the keys are wiped and rebuilt behind it.
+  KeyGate& gate() { return gate_; }
+  VolumeKeys& keys() { return *keys_; }
+  // The inodes the kernel holds, for dropping its caches of them.
+  std::vector<uint64_t> inode_ids() { return inodes_.ids(); }
   InodeTable& inodes() { return inodes_; }
 
   // Caller identity for new files (set per request from fuse_req_ctx).
@@ -121,6 +127,7 @@ class Filesystem {
   VolumeConfig config_;
   std::unique_ptr<RootKeyProvider> provider_;
   std::unique_ptr<VolumeKeys> keys_;
+  KeyGate gate_;
   std::unique_ptr<IoBackend> io_;
   FsOptions options_;
   InodeTable inodes_;

@@ -26,8 +26,15 @@ Filesystem::Caller caller(fuse_req_t req) {
   return {c->uid, c->gid};
 }
 
+// Every request that may use a key: through the key gate (EKEYREVOKED while the root is
+// revoked, fs/key_watch.h), with exceptions turned into errors.
 template <typename F>
 void guard(fuse_req_t req, F&& body) {
+  KeyGateScope gate(fs_of(req).gate());
+  if (!gate.ok()) {
+    fuse_reply_err(req, EKEYREVOKED);
+    return;
+  }
   try {
     body();
   } catch (const std::bad_alloc&) {

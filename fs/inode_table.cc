@@ -115,4 +115,12 @@ size_t InodeTable::size() {
   return by_id_.size();
 }
 
+std::vector<uint64_t> InodeTable::ids() {
+  std::lock_guard lock(mu_);
+  std::vector<uint64_t> out;
+  out.reserve(by_id_.size());
+  for (const auto& [id, inode] : by_id_) out.push_back(id);
+  return out;
+}
+
 }  // namespace envelopefs

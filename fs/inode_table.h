@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "fs/cipher_file.h"
 #include "fs/names.h"
@@ -85,6 +86,7 @@ class InodeTable {
   // The inode for backing (dev, ino) if the kernel knows it; does not change lookup counts.
   std::shared_ptr<Inode> find(dev_t dev, ino_t ino);
   size_t size();
+  std::vector<uint64_t> ids();
 
  private:
   std::mutex mu_;

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -158,6 +159,13 @@ int cmd_status(std::string path, bool json) {
   return 0;
 }
 
+// A count of seconds from an -o option; -1 if it is not one (refused after parsing).
+int seconds_or_invalid(const std::string& v) {
+  int n = -1;
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  return ec == std::errc() && end == v.data() + v.size() && n >= 0 && n <= 864000 ? n : -1;
+}
+
 // Splits "-o a,b=c" into the options we own and the ones passed to libfuse; options that
 // mount(8) adds for its own use are dropped, so fstab entries work as written.
 void split_options(const std::string& opts, MountOptions* mo) {
@@ -176,6 +184,8 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else if (o == "no_writeback") mo->fs.writeback_cache = false;
     else if (o == "direct_backing") mo->fs.direct_backing = true;
     else if (o == "allow_other") mo->allow_other = true;
+    else if (o.rfind("key_check_interval=", 0) == 0) mo->key_check_interval = seconds_or_invalid(o.substr(19));
+    else if (o.rfind("key_unreachable_grace=", 0) == 0) mo->key_unreachable_grace = seconds_or_invalid(o.substr(22));
     else keep.push_back(o);
   }
   for (size_t i = 0; i < keep.size(); ++i) mo->fuse_options += (i ? "," : "") + keep[i];
@@ -220,7 +230,8 @@ int main(int argc, char** argv) {
   mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
-                                "no_uring, no_writeback, direct_backing, fuse_transport=T");
+                                "no_uring, no_writeback, direct_backing, fuse_transport=T,\n"
+                                "key_check_interval=N, key_unreachable_grace=N");
   mount->add_option("--passfile", mo.provider.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
@@ -238,6 +249,14 @@ int main(int argc, char** argv) {
                     "FUSE worker threads (default 8; with io_uring, spread over one queue per CPU,\n"
                     "at least 2 per CPU)")
       ->check(CLI::Range(1, 256));
+  mount->add_option("--key-check-interval", mo.key_check_interval,
+                    "ask the root key provider again every N seconds (default 60, 0: never); when it\n"
+                    "refuses, the keys are zeroized and every request fails with EKEYREVOKED until\n"
+                    "it answers again (not for pass: volumes)")
+      ->check(CLI::Range(0, 86400));
+  mount->add_option("--key-unreachable-grace", mo.key_unreachable_grace,
+                    "how long a root key provider that cannot be reached is trusted (default 300 s)")
+      ->check(CLI::Range(0, 864000));
   mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();
 
@@ -277,6 +296,10 @@ int main(int argc, char** argv) {
     split_options(opts, &mo);
     if (mo.fuse_transport != "io_uring" && mo.fuse_transport != "dev") {
       std::fprintf(stderr, "envelopefs: fuse_transport=%s: expected dev or io_uring\n", mo.fuse_transport.c_str());
+      return 2;
+    }
+    if (mo.key_check_interval < 0 || mo.key_unreachable_grace < 0) {
+      std::fprintf(stderr, "envelopefs: key_check_interval= and key_unreachable_grace= take a number of seconds\n");
       return 2;
     }
     return run_mount(mo);

@@ -12,11 +12,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "fs/fuse_channel.h"
 #include "fs/fuse_ops.h"
 #include "fs/fuse_ring.h"
+#include "fs/key_watch.h"
 #include "fs/log.h"
 
 namespace envelopefs {
@@ -128,6 +130,12 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (auto n = read_dir_nonce(root_fd); !n.ok()) {
     return fail(ready, o.foreground, "volume root is damaged: " + n.status().to_string());
   }
+  // Not kept: the key watcher asks a fresh provider each time, as a mount would, so that a
+  // token or key service is really asked again (a session kept open could answer from a
+  // state the service no longer has).
+  volume->provider.reset();
+  // A passphrase cannot be revoked, and asking for it again may need a terminal.
+  const bool watch_root = o.key_check_interval > 0 && volume->config.root_uri.rfind("pass:", 0) != 0;
   auto io = make_io_backend(o.use_uring);
   Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), o.fs);
 
@@ -175,11 +183,18 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   // libfuse starts one worker and adds one only when all are busy, so with the ring (where
   // /dev/fuse carries INIT, FORGET and INTERRUPT only) these stay one or two threads; and if
   // the kernel declines the ring at INIT, /dev/fuse gets the full count.
+  std::optional<KeyWatch> watch;
+  if (watch_root) {
+    watch.emplace(se, fs, cipher, o.provider,
+                  KeyWatchOptions{std::chrono::seconds(o.key_check_interval),
+                                  std::chrono::seconds(o.key_unreachable_grace)});
+  }
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(o.threads));
   fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
   int rc = fuse_session_loop_mt(se, cfg);
   fuse_loop_cfg_destroy(cfg);
+  watch.reset();
   session.unmount();
   if (ring && ring->used()) {
     ring->stop();

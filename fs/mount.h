@@ -23,6 +23,10 @@ struct MountOptions {
   std::string fuse_transport = "dev";
   ProviderOptions provider;
   FsOptions fs;
+  // Root key re-validation while mounted (fs/key_watch.h): every key_check_interval seconds
+  // (0: never); an unreachable root is trusted for key_unreachable_grace seconds.
+  int key_check_interval = 60;
+  int key_unreachable_grace = 300;
 };
 
 // Returns the process exit code.

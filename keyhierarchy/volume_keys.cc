@@ -175,6 +175,25 @@ Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOp
   return OpenedVolume{std::move(c), std::move(provider).value(), std::move(keys).value()};
 }
 
+Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, VolumeKeys& keys) {
+  auto config = load_config(cipher_dir);
+  if (!config.ok()) return config.status();
+  if (config->volume_id != keys.volume_id()) {
+    return Status(Code::kAuthFailed, std::string(kConfigFileName) + " now belongs to another volume");
+  }
+  auto provider = make_root_provider(config->root_uri, config->root_params, options, false);
+  if (!provider.ok()) return provider.status();
+  std::map<uint32_t, SecretBytes> deks;
+  SecretBytes name_key;
+  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(*config, **provider, &deks, &name_key));
+  if (!keys.present()) {
+    auto built = VolumeKeysBuilder::build(*config, deks, name_key);
+    if (!built.ok()) return built.status();
+    keys = std::move(**built);
+  }
+  return Status::Ok();
+}
+
 Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOptions& current,
                                  const std::string& new_uri, const ProviderOptions& next) {
   auto config = load_config(cipher_dir);

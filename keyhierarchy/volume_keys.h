@@ -34,6 +34,15 @@ class VolumeKeys {
   }
   const NameCipher& names() const { return *names_; }
 
+  // False once wiped: the root was revoked and every key is gone (recheck_root restores them).
+  bool present() const { return names_ != nullptr; }
+  // Destroys every key now (their destructors cleanse them). Callers make sure nothing is
+  // using them (fs/key_gate.h).
+  void wipe() {
+    deks_.clear();
+    names_.reset();
+  }
+
  private:
   friend class VolumeKeysBuilder;
   VolumeId volume_id_{};
@@ -68,6 +77,12 @@ Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOp
 // is not destroyed; until it is, it still opens copies of the config taken before.
 Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOptions& current,
                                  const std::string& new_uri, const ProviderOptions& next);
+
+// Asks the root again, as a mount would (the config re-read, a fresh provider, every wrapped key
+// unwrapped, the MAC checked): Ok while the root still opens this volume. If `keys` was wiped,
+// they are rebuilt in place. kAccessDenied / kNotFound / kAuthFailed: the root refuses (revoked,
+// destroyed, or not this volume's); kUnreachable: it could not be asked.
+Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, VolumeKeys& keys);
 
 // The associated data of a root wrap (labels.h + volume id + version); public for tests.
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);

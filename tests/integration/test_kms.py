@@ -6,12 +6,14 @@ can refuse (wrong PIN, key gone, token gone, an altered wrapped key, a key that 
 the token) fails closed with a message that says which, and nothing is mounted.
 """
 import base64
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -278,6 +280,100 @@ class RewrapTest(TokenTest):
         self.assertEqual(self.conf_bytes(), original)
         os.replace(self.vol.key + ".saved", self.vol.key)
         self.vol.mount()  # still opens with the key it always had
+
+
+def wait_for(predicate, timeout=20, step=0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def revoked(path):
+    """True if reading `path` fails with EKEYREVOKED."""
+    try:
+        read_file(path)
+        return False
+    except OSError as e:
+        if e.errno != errno.EKEYREVOKED:
+            raise
+        return True
+
+
+class RevocationTest(TokenTest):
+    """A mounted volume whose root goes away fails closed, and resumes when it comes back."""
+
+    def mount_watched(self, grace):
+        self.vol.mount("--key-check-interval", "1", "--key-unreachable-grace", str(grace))
+
+    def test_a_token_that_goes_away_stops_the_mount_and_its_return_resumes_it(self):
+        self.init(self.token.uri())
+        self.mount_watched(grace=1)
+        data = os.urandom(100_000)
+        write_file(self.vol.path("f"), data, fsync=True)
+        self.assertEqual(read_file(self.vol.path("f")), data)  # now in the page cache too
+        held = open(self.vol.path("f"), "rb")
+        try:
+            saved = os.path.join(self.vol.root, "tokens.saved")
+            shutil.copytree(self.token.dir, saved)
+            self.token.delete()
+            self.assertTrue(wait_for(lambda: revoked(self.vol.path("f"))), "the mount kept serving")
+            # Nothing is served from the kernel's caches either.
+            with self.assertRaises(OSError) as e:
+                os.pread(held.fileno(), 4096, 0)
+            self.assertEqual(e.exception.errno, errno.EKEYREVOKED)
+            with self.assertRaises(OSError) as e:
+                os.listdir(self.vol.mnt)
+            self.assertEqual(e.exception.errno, errno.EKEYREVOKED)
+            with self.assertRaises(OSError) as e:
+                write_file(self.vol.path("new"), b"x")
+            self.assertEqual(e.exception.errno, errno.EKEYREVOKED)
+            log = self.vol.log_text()
+            self.assertIn("root key revoked (unreachable for more than 1 s", log)
+            self.assertIn("keys zeroized", log)
+
+            shutil.rmtree(self.token.dir)
+            shutil.copytree(saved, self.token.dir)  # the token is back, key and all
+            self.assertTrue(wait_for(lambda: not revoked(self.vol.path("f"))), "the mount did not resume")
+            self.assertIn("keys restored", self.vol.log_text())
+            self.assertEqual(os.pread(held.fileno(), len(data), 0), data)
+        finally:
+            held.close()
+        write_file(self.vol.path("after"), b"written after the return", fsync=True)
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("f")), data)
+        self.assertEqual(read_file(self.vol.path("after")), b"written after the return")
+
+    def test_a_key_destroyed_on_the_token_is_revoked_at_once(self):
+        self.init(self.token.uri())
+        self.mount_watched(grace=3600)
+        write_file(self.vol.path("f"), b"data", fsync=True)
+        self.token.delete()
+        self.token.create()  # the token answers, and says the key is not there
+        self.assertTrue(wait_for(lambda: revoked(self.vol.path("f")), timeout=10),
+                        "a refusal must not wait for the unreachable grace")
+        self.assertIn("key 'root' is not on token 'envelopefs'", self.vol.log_text())
+
+    def test_an_unreachable_token_is_trusted_for_the_grace_period(self):
+        self.init(self.token.uri())
+        self.mount_watched(grace=3600)
+        write_file(self.vol.path("f"), b"data", fsync=True)
+        self.token.delete()
+        self.assertTrue(wait_for(lambda: "keys kept for up to 3600 s" in self.vol.log_text(), timeout=10))
+        self.assertEqual(read_file(self.vol.path("f")), b"data")
+        self.assertNotIn("revoked", self.vol.log_text())
+
+    def test_a_key_file_taken_away_revokes_a_file_volume(self):
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        self.mount_watched(grace=1)
+        write_file(self.vol.path("f"), b"data", fsync=True)
+        os.rename(self.vol.key, self.vol.key + ".away")
+        self.assertTrue(wait_for(lambda: revoked(self.vol.path("f"))))
+        os.rename(self.vol.key + ".away", self.vol.key)
+        self.assertTrue(wait_for(lambda: not revoked(self.vol.path("f"))))
+        self.assertEqual(read_file(self.vol.path("f")), b"data")
 
 
 if __name__ == "__main__":
