@@ -1,6 +1,7 @@
 #include "fs/key_watch.h"
 
 #include "fs/log.h"
+#include "keyhierarchy/audit_log.h"
 
 namespace envelopefs {
 
@@ -39,6 +40,7 @@ void KeyWatch::check() {
     if (revoked) {
       fs_.gate().open();
       log_info("root key available again: keys restored, the volume is back in service");
+      record("restored", "ok", "keys unwrapped again; requests are served");
     }
     return;
   }
@@ -63,6 +65,13 @@ void KeyWatch::revoke(const std::string& why) {
   drop_kernel_caches();  // anything read in the meantime
   log_error("root key revoked (" + why + "): keys zeroized; every request now fails with "
             "EKEYREVOKED until the root key is available again");
+  record("revoked", "keys zeroized", why);
+}
+
+void KeyWatch::record(const std::string& event, const std::string& outcome, const std::string& detail) {
+  AuditRecord r{event, outcome, to_hex(fs_.keys().volume_id()), cipher_dir_, "", detail};
+  if (auto c = load_config(cipher_dir_); c.ok()) r.root = c->root_uri;
+  if (!audit(r)) log_error("cannot write the audit log " + audit_log_path());
 }
 
 void KeyWatch::drop_kernel_caches() {

@@ -42,6 +42,7 @@ class KeyWatch {
   void check();
   void revoke(const std::string& why);
   void drop_kernel_caches();
+  void record(const std::string& event, const std::string& outcome, const std::string& detail);
 
   fuse_session* se_;
   Filesystem& fs_;

@@ -19,6 +19,7 @@
 #include "fs/fsck.h"
 #include "fs/mount.h"
 #include "fs/names.h"
+#include "keyhierarchy/audit_log.h"
 #include "keyhierarchy/volume_keys.h"
 
 #ifndef ENVELOPEFS_VERSION
@@ -45,9 +46,15 @@ int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOpti
   auto after = before.ok() ? rewrap_root(dir, current, to, next) : Result<VolumeConfig>(before.status());
   close(dfd);
   if (!after.ok()) {
+    AuditRecord r = audit_failure("rewrap", after.status());
+    r.cipher_dir = dir;
+    if (before.ok()) r.volume = to_hex(before->volume_id), r.root = before->root_uri;
+    r.detail += " (the new root would have been " + to + ")";
+    audit(r);
     std::fprintf(stderr, "envelopefs rewrap: %s\nnothing was changed\n", after.status().to_string().c_str());
     return 1;
   }
+  audit({"rewrap", "ok", to_hex(after->volume_id), dir, after->root_uri, "from " + before->root_uri});
   std::printf("re-wrapped %zu DEK version(s) and the name key of volume %s\n  old root: %s\n  new root: %s\n"
               "No data was re-encrypted. The old root is no longer needed by this volume, but copies\n"
               "of envelopefs.conf taken before now still need it to open.\n",
@@ -75,9 +82,14 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
   opt.provider = po;
   auto v = create_volume(dir, opt);
   if (!v.ok()) {
+    AuditRecord r = audit_failure("init", v.status());
+    r.cipher_dir = dir;
+    r.root = kms;
+    audit(r);
     std::fprintf(stderr, "envelopefs init: %s\n", v.status().to_string().c_str());
     return 1;
   }
+  audit({"init", "ok", to_hex(v->config.volume_id), dir, v->config.root_uri, v->provider->describe()});
   int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   Status st = fd < 0 ? Status::Io(errno, "open " + dir) : create_dir_nonce(fd, nonce_store_of(v->config)).status();
   // The root's nonce must outlive a power cut right after init, whatever happens next.

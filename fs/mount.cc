@@ -20,6 +20,7 @@
 #include "fs/fuse_ring.h"
 #include "fs/key_watch.h"
 #include "fs/log.h"
+#include "keyhierarchy/audit_log.h"
 
 namespace envelopefs {
 namespace {
@@ -124,7 +125,15 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
 
   std::string cipher = absolute(o.cipher_dir);
   auto volume = open_volume(cipher, o.provider);
-  if (!volume.ok()) return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
+  if (!volume.ok()) {
+    AuditRecord r = audit_failure("mount", volume.status());
+    r.cipher_dir = cipher;
+    if (auto c = load_config(cipher); c.ok()) r.volume = to_hex(c->volume_id), r.root = c->root_uri;
+    if (!audit(r)) log_error("cannot write the audit log " + audit_log_path());
+    return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
+  }
+  const AuditRecord mounted{"mount", "ok", to_hex(volume->config.volume_id), cipher, volume->config.root_uri,
+                            "on " + absolute(o.mountpoint)};
   int root_fd = open(cipher.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   if (root_fd < 0) return fail(ready, o.foreground, "cannot open " + cipher + ": " + std::strerror(errno));
   if (auto n = read_dir_nonce(root_fd); !n.ok()) {
@@ -168,6 +177,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   raise_readahead(absolute(o.mountpoint), 1024);
   log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
+  if (!audit(mounted)) log_error("cannot write the audit log " + audit_log_path());
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
   ready.send("OK");
   if (!o.foreground) {
@@ -201,6 +211,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
   }
   log_info("unmounted " + o.mountpoint + "; keys zeroized");
+  AuditRecord gone = mounted;
+  gone.event = "unmount";
+  gone.detail = "from " + absolute(o.mountpoint) + "; keys zeroized";
+  if (!audit(gone)) log_error("cannot write the audit log " + audit_log_path());
   return rc == 0 ? 0 : 1;
 }
 

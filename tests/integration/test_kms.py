@@ -65,11 +65,22 @@ class TokenTest(unittest.TestCase):
         if UTIL is None or not os.path.exists(MODULE):
             self.fail("SoftHSM2 is not installed (packaging/install-deps.sh installs softhsm2)")
         self.vol = Volume(init=False)
+        self.audit_log = os.path.join(self.vol.root, "audit.log")
+        self.saved_env = {k: os.environ.get(k) for k in ("ENVELOPEFS_AUDIT_LOG", "SOFTHSM2_CONF")}
+        os.environ["ENVELOPEFS_AUDIT_LOG"] = self.audit_log  # inherited by the daemon too
         self.token = Token(self.vol.root)
 
     def tearDown(self):
         self.vol.cleanup()
-        os.environ.pop("SOFTHSM2_CONF", None)
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def audit_records(self):
+        with open(self.audit_log) as f:
+            return [json.loads(line) for line in f]
 
     def init(self, uri, check=True):
         return run([BIN, "init", "--kms", uri, self.vol.cipher], check=check)
@@ -280,6 +291,51 @@ class RewrapTest(TokenTest):
         self.assertEqual(self.conf_bytes(), original)
         os.replace(self.vol.key + ".saved", self.vol.key)
         self.vol.mount()  # still opens with the key it always had
+
+
+class AuditTest(TokenTest):
+    def test_every_use_of_the_root_is_in_the_audit_log_and_no_secret_is(self):
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        self.vol.mount()
+        self.vol.unmount()
+        self.token.set_pin_file("0000")
+        self.assertNotEqual(run([BIN, "rewrap", "--to", self.token.uri(), self.vol.cipher], check=False).returncode, 0)
+        self.token.set_pin_file(USER_PIN)
+        run([BIN, "rewrap", "--to", self.token.uri(), self.vol.cipher])
+        self.token.set_pin_file("0000")
+        r = run([BIN, "mount", self.vol.cipher, self.vol.mnt], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.token.set_pin_file(USER_PIN)
+        self.vol.mount("--key-check-interval", "1", "--key-unreachable-grace", "0")
+        write_file(self.vol.path("f"), b"data", fsync=True)
+        saved = os.path.join(self.vol.root, "tokens.saved")
+        shutil.copytree(self.token.dir, saved)
+        self.token.delete()
+        self.assertTrue(wait_for(lambda: revoked(self.vol.path("f"))))
+        shutil.rmtree(self.token.dir)
+        shutil.copytree(saved, self.token.dir)
+        self.assertTrue(wait_for(lambda: any(r["event"] == "restored" for r in self.audit_records())))
+        self.vol.unmount()
+
+        records = self.audit_records()
+        got = [(r["event"], r["outcome"]) for r in records]
+        self.assertEqual(got, [
+            ("init", "ok"), ("mount", "ok"), ("unmount", "ok"),
+            ("rewrap", "access denied"), ("rewrap", "ok"),
+            ("mount", "access denied"),
+            ("mount", "ok"), ("revoked", "keys zeroized"), ("restored", "ok"), ("unmount", "ok"),
+        ])
+        volume = self.config()["volume_id"]
+        self.assertTrue(all(r["volume"] == volume for r in records), records)
+        self.assertEqual(records[0]["root"], "file:" + self.vol.key)
+        self.assertEqual(records[4]["root"], self.token.uri())
+        self.assertIn("refused the user PIN", records[5]["detail"])
+        self.assertIn("no token matching", records[7]["detail"])
+        text = read_file(self.audit_log)
+        key = read_file(self.vol.key)
+        for secret in (USER_PIN.encode(), key, key.hex().encode(), base64.b64encode(key)):
+            self.assertNotIn(secret, text)
+        self.assertEqual(os.stat(self.audit_log).st_mode & 0o777, 0o600)
 
 
 def wait_for(predicate, timeout=20, step=0.2):
