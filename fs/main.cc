@@ -229,9 +229,10 @@ int main(int argc, char** argv) {
 
   auto* init = app.add_subcommand("init", "create a new volume in an empty (or new) directory");
   init->add_option("--kms", kms,
-                   "root key provider URI: file:/ABSOLUTE/PATH, pass:[?ops=N&mem-kib=N], or\n"
+                   "root key provider URI: file:/ABSOLUTE/PATH, pass:[?ops=N&mem-kib=N],\n"
                    "pkcs11:token=T;object=K?module-path=M&pin-source=file:P (RFC 7512; the key is\n"
-                   "generated on the token if absent)\n"
+                   "generated on the token if absent), or\n"
+                   "kmip://HOST:PORT/?name=K&ca=CA.pem&cert=CLIENT.pem&key=CLIENT.key (created if absent)\n"
                    "(default: file:" + default_root_key_path() + ", created if absent)");
   init->add_option("--block-size", block_size, "plaintext block size: 4096 (default) to 65536, a power of two");
   init->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");

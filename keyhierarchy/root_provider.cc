@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "keyhierarchy/file_provider.h"
+#include "keyhierarchy/kmip_provider.h"
 #include "keyhierarchy/pass_provider.h"
 #include "keyhierarchy/pkcs11_provider.h"
 
@@ -34,8 +35,9 @@ Result<std::unique_ptr<RootKeyProvider>> make_root_provider(const std::string& u
     return make_pass_provider(rest, params, options, creating);
   }
   if (uri.rfind("pkcs11:", 0) == 0) return make_pkcs11_provider(uri, options, creating);
+  if (uri.rfind("kmip://", 0) == 0) return make_kmip_provider(uri, creating);
   return Status(Code::kUnsupported, "unknown key provider '" + uri +
-                                        "' (supported: file:/ABSOLUTE/PATH, pass:, pkcs11:URI)");
+                                        "' (supported: file:/ABSOLUTE/PATH, pass:, pkcs11:URI, kmip://HOST:PORT/?...)");
 }
 
 }  // namespace envelopefs

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "crypto/labels.h"
+#include "keyhierarchy/kmip_ttlv.h"
 #include "keyhierarchy/volume_keys.h"
 #include "tests/test_util.h"
 
@@ -226,3 +227,41 @@ TEST(VolumeConfig, ConfigNeverContainsKeyMaterial) {
 
 }  // namespace
 }  // namespace envelopefs
+
+// TTLV against the encodings given in the KMIP 1.4 specification (section 9.1.2).
+TEST(KmipTtlv, EncodesTheSpecificationExamples) {
+  using envelopefs::kmip::Item;
+  EXPECT_EQ(envelopefs::to_hex(envelopefs::kmip::encode(Item::integer(0x420020, 8))),
+            "42002002000000040000000800000000");
+  EXPECT_EQ(envelopefs::to_hex(envelopefs::kmip::encode(Item::text(0x420020, "Hello World"))),
+            "420020070000000b48656c6c6f20576f726c640000000000");
+  EXPECT_EQ(envelopefs::to_hex(envelopefs::kmip::encode(Item::structure(
+                0x420020, {Item::enumeration(0x420004, 254), Item::integer(0x420005, 255)}))),
+            "42002001000000204200040500000004000000fe000000004200050200000004000000ff00000000");
+}
+
+TEST(KmipTtlv, DecodesWhatItEncodesAndRefusesMalformedInput) {
+  using envelopefs::kmip::Item;
+  const uint8_t raw[] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  Item msg = Item::structure(0x42007B, {Item::integer(0x42007F, 0), Item::bytestring(0x4200C2, raw),
+                                         Item::structure(0x42000F, {Item::text(0x420094, "17")})});
+  envelopefs::Bytes wire = envelopefs::kmip::encode(msg);
+  auto back = envelopefs::kmip::decode(wire);
+  ASSERT_TRUE(back.ok()) << back.status().to_string();
+  ASSERT_NE(back->find(0x4200C2), nullptr);
+  EXPECT_EQ(back->find(0x4200C2)->bytes, envelopefs::Bytes(raw, raw + sizeof raw));
+  EXPECT_EQ(back->find(0x42000F)->find(0x420094)->as_text(), "17");
+  EXPECT_EQ(envelopefs::kmip::encode(*back), wire);
+
+  envelopefs::Bytes truncated(wire.begin(), wire.end() - 8);
+  EXPECT_EQ(envelopefs::kmip::decode(truncated).status().code(), envelopefs::Code::kCorrupt);
+  envelopefs::Bytes trailing = wire;
+  trailing.resize(trailing.size() + 8, 0);
+  EXPECT_EQ(envelopefs::kmip::decode(trailing).status().code(), envelopefs::Code::kCorrupt);
+  envelopefs::Bytes too_long = wire;
+  too_long[7] = 0xF0;  // the outer length now claims more than there is
+  EXPECT_EQ(envelopefs::kmip::decode(too_long).status().code(), envelopefs::Code::kCorrupt);
+  envelopefs::Bytes bad_int = envelopefs::kmip::encode(Item::integer(0x420020, 8));
+  bad_int[7] = 8;  // an Integer must be 4 bytes long
+  EXPECT_EQ(envelopefs::kmip::decode(bad_int).status().code(), envelopefs::Code::kCorrupt);
+}
