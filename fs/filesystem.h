@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "fs/inode_table.h"
-#include "fs/key_gate.h"
 #include "fs/io_backend.h"
+#include "fs/key_gate.h"
 #include "keyhierarchy/volume_keys.h"
 
 namespace envelopefs {

@@ -1,4 +1,4 @@
-// The envelopefs command line: init, mount, unmount, status, fsck.
+// The envelopefs command line: init, mount, unmount, status, fsck, rewrap.
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -48,7 +48,10 @@ int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOpti
   if (!after.ok()) {
     AuditRecord r = audit_failure("rewrap", after.status());
     r.cipher_dir = dir;
-    if (before.ok()) r.volume = to_hex(before->volume_id), r.root = before->root_uri;
+    if (before.ok()) {
+      r.volume = to_hex(before->volume_id);
+      r.root = before->root_uri;
+    }
     r.detail += " (the new root would have been " + to + ")";
     audit(r);
     std::fprintf(stderr, "envelopefs rewrap: %s\nnothing was changed\n", after.status().to_string().c_str());

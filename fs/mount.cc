@@ -128,7 +128,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (!volume.ok()) {
     AuditRecord r = audit_failure("mount", volume.status());
     r.cipher_dir = cipher;
-    if (auto c = load_config(cipher); c.ok()) r.volume = to_hex(c->volume_id), r.root = c->root_uri;
+    if (auto c = load_config(cipher); c.ok()) {
+      r.volume = to_hex(c->volume_id);
+      r.root = c->root_uri;
+    }
     if (!audit(r)) log_error("cannot write the audit log " + audit_log_path());
     return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
   }
