@@ -12,6 +12,7 @@
 #include "crypto/labels.h"
 #include "crypto/random.h"
 #include "keyhierarchy/local_wrap.h"
+#include "keyhierarchy/secret_file.h"
 
 namespace envelopefs {
 namespace {
@@ -66,22 +67,11 @@ Result<SecretBytes> prompt(const char* question) {
   return SecretBytes(buf.data(), n);
 }
 
-Result<SecretBytes> read_passfile(const std::string& path) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::Io(errno, "cannot open passphrase file " + path);
-  SecretBytes buf(kMaxPassphrase);
-  ssize_t n = read(fd, buf.data(), kMaxPassphrase);
-  close(fd);
-  if (n < 0) return Status::Io(errno, "cannot read passphrase file " + path);
-  size_t len = 0;
-  while (len < static_cast<size_t>(n) && buf.data()[len] != '\n') ++len;
-  return SecretBytes(buf.data(), len);
-}
 
 Result<SecretBytes> get_passphrase(const ProviderOptions& options, bool creating) {
   Result<SecretBytes> pass = Status(Code::kInternal, "unset");
   if (!options.passfile.empty()) {
-    pass = read_passfile(options.passfile);
+    pass = read_secret_file(options.passfile, "passphrase", false);
   } else if (const char* env = std::getenv("ENVELOPEFS_PASSPHRASE")) {
     pass = SecretBytes(reinterpret_cast<const uint8_t*>(env), std::strlen(env));
   } else if (options.allow_prompt) {

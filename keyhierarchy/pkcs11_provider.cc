@@ -1,23 +1,20 @@
 #include "keyhierarchy/pkcs11_provider.h"
 
-#include <fcntl.h>
 #include <p11-kit/p11-kit.h>
 #include <p11-kit/uri.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
 
 #include "crypto/random.h"
+#include "keyhierarchy/secret_file.h"
 
 namespace envelopefs {
 namespace {
 
-constexpr size_t kIvSize = 12, kTagSize = 16, kRootKeyBytes = 32, kMaxPin = 256;
+constexpr size_t kIvSize = 12, kTagSize = 16, kRootKeyBytes = 32;
 
 // What a PKCS#11 return value means for the volume: a refusal (wrong PIN, key unusable), an
 // altered wrapped value, or a token that could not be asked.
@@ -64,20 +61,7 @@ Result<SecretBytes> read_pin(const char* pin_source, const ProviderOptions& opti
                   "the token's user PIN is needed: add pin-source=file:/PATH to the pkcs11: URI, "
                   "or give --passfile FILE, or set ENVELOPEFS_PKCS11_PIN");
   }
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Status::Io(errno, "cannot open PIN file " + path);
-  struct stat st;
-  if (fstat(fd, &st) == 0 && (st.st_mode & S_IROTH) != 0) {
-    close(fd);
-    return Status(Code::kAccessDenied, "PIN file " + path + " is readable by anyone; run chmod o-r " + path);
-  }
-  SecretBytes buf(kMaxPin);
-  ssize_t n = read(fd, buf.data(), kMaxPin);
-  close(fd);
-  if (n < 0) return Status::Io(errno, "cannot read PIN file " + path);
-  size_t len = 0;
-  while (len < static_cast<size_t>(n) && buf.data()[len] != '\n') ++len;
-  return SecretBytes(buf.data(), len);
+  return read_secret_file(path, "PIN", true);
 }
 
 std::string text_attribute(P11KitUri* uri, CK_ATTRIBUTE_TYPE type) {

@@ -95,6 +95,15 @@ class Volume:
         if getattr(self, "transport", None) == "io_uring":
             assert self.ring_served() is not None, "asked for FUSE over io_uring, but the daemon did not use it"
 
+    def mount_refused(self, *expected):
+        """Mounting must fail, say each of `expected` on stderr, and leave nothing mounted."""
+        r = run([BIN, "mount", "--log-file", self.log, self.cipher, self.mnt], check=False)
+        assert r.returncode != 0, "mount succeeded where it must fail closed"
+        assert not is_mounted(self.mnt)
+        for text in expected:
+            assert text in r.stderr, f"{text!r} not in {r.stderr!r}"
+        return r.stderr
+
     def kill9(self):
         pid = self.daemon_pid()
         assert pid, "daemon not found"

@@ -85,15 +85,6 @@ class TokenTest(unittest.TestCase):
     def init(self, uri, check=True):
         return run([BIN, "init", "--kms", uri, self.vol.cipher], check=check)
 
-    def mount_fails(self, *expected):
-        """Mounting must fail, say each of `expected`, and leave nothing mounted."""
-        r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
-        self.assertNotEqual(r.returncode, 0, "mount succeeded where it must fail closed")
-        self.assertFalse(is_mounted(self.vol.mnt))
-        for text in expected:
-            self.assertIn(text, r.stderr)
-        return r.stderr
-
     def config(self):
         with open(os.path.join(self.vol.cipher, "envelopefs.conf")) as f:
             return json.load(f)
@@ -143,7 +134,7 @@ class Pkcs11Test(TokenTest):
     def test_a_wrong_pin_fails_closed_and_the_right_one_mounts_again(self):
         self.init(self.token.uri())
         self.token.set_pin_file("0000")
-        self.mount_fails("refused the user PIN", "PIN is incorrect")
+        self.vol.mount_refused("refused the user PIN", "PIN is incorrect")
         self.token.set_pin_file(USER_PIN)
         self.vol.mount()
         write_file(self.vol.path("f"), b"x")
@@ -155,9 +146,9 @@ class Pkcs11Test(TokenTest):
         write_file(self.vol.path("f"), b"gone with the key", fsync=True)
         self.vol.unmount()
         self.token.delete()
-        self.mount_fails("key service unreachable", "no token matching")
+        self.vol.mount_refused("key service unreachable", "no token matching")
         self.token.create()  # same label, same PIN, but a new token without the key
-        self.mount_fails("access denied", "key 'root' is not on token 'envelopefs'")
+        self.vol.mount_refused("access denied", "key 'root' is not on token 'envelopefs'")
 
     def test_an_altered_wrapped_key_fails_authentication(self):
         self.init(self.token.uri())
@@ -167,7 +158,7 @@ class Pkcs11Test(TokenTest):
         conf["deks"][0]["wrapped"] = base64.b64encode(bytes(wrapped)).decode()
         with open(os.path.join(self.vol.cipher, "envelopefs.conf"), "w") as f:
             json.dump(conf, f)
-        self.mount_fails("altered")
+        self.vol.mount_refused("altered")
 
     def test_a_key_that_is_not_aes_256_is_refused(self):
         key = os.path.join(self.vol.root, "aes128.key")
