@@ -12,6 +12,7 @@
 
 #include "fs/cipher_file.h"
 #include "fs/names.h"
+#include "keyhierarchy/audit_log.h"
 
 namespace envelopefs {
 namespace {
@@ -133,9 +134,13 @@ class Checker {
 int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet) {
   auto volume = open_volume(cipher_dir, provider);
   if (!volume.ok()) {
+    AuditRecord a = audit_failure("fsck", volume.status());
+    a.cipher_dir = cipher_dir;
+    audit(a);
     std::fprintf(stderr, "envelopefs fsck: cannot open volume: %s\n", volume.status().to_string().c_str());
     return 2;
   }
+  audit({"fsck", "ok", to_hex(volume->config.volume_id), cipher_dir, volume->config.root_uri, "keys unwrapped to check"});
   int root = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (root < 0) {
     std::perror("envelopefs fsck");

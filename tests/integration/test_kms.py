@@ -307,6 +307,7 @@ class AuditTest(TokenTest):
         shutil.copytree(saved, self.token.dir)
         self.assertTrue(wait_for(lambda: any(r["event"] == "restored" for r in self.audit_records())))
         self.vol.unmount()
+        run([BIN, "fsck", "-q", self.vol.cipher])
 
         records = self.audit_records()
         got = [(r["event"], r["outcome"]) for r in records]
@@ -315,6 +316,7 @@ class AuditTest(TokenTest):
             ("rewrap", "access denied"), ("rewrap", "ok"),
             ("mount", "access denied"),
             ("mount", "ok"), ("revoked", "keys zeroized"), ("restored", "ok"), ("unmount", "ok"),
+            ("fsck", "ok"),
         ])
         volume = self.config()["volume_id"]
         self.assertTrue(all(r["volume"] == volume for r in records), records)
