@@ -140,7 +140,8 @@ int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, boo
     std::fprintf(stderr, "envelopefs fsck: cannot open volume: %s\n", volume.status().to_string().c_str());
     return 2;
   }
-  audit({"fsck", "ok", to_hex(volume->config.volume_id), cipher_dir, volume->config.root_uri, "keys unwrapped to check"});
+  audit({"fsck", "ok", to_hex(volume->config.volume_id), cipher_dir, volume->config.root_uri,
+         "keys unwrapped to check"});
   int root = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (root < 0) {
     std::perror("envelopefs fsck");

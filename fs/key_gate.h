@@ -1,7 +1,8 @@
 // The gate every FUSE request passes to use the volume keys. Open while the root key is known
 // good; closed when it is revoked (fs/key_watch.h), and then requests are answered
-// EKEYREVOKED without touching a key. close() returns only once no request is inside, so the
-// keys can be wiped right after it with nothing still using them.
+// EKEYREVOKED without touching a key; paused for a moment while the keys are swapped for a
+// new DEK version, and then requests wait. close() and pause() return only once no request
+// is inside, so the keys can be wiped or replaced right after with nothing still using them.
 //
 // Cost per request: two atomic operations on a shared counter and one load (Dekker-style:
 // the counter is raised before the flag is read, the flag is set before the counter is read,
@@ -17,34 +18,49 @@ namespace envelopefs {
 class KeyGate {
  public:
   // False: the gate is closed; the caller must not use the keys (and must not call leave()).
+  // While paused, waits until the gate opens or closes.
   bool enter() {
-    inflight_.fetch_add(1);
-    if (closed_.load()) {
+    for (;;) {
+      inflight_.fetch_add(1);
+      const int s = state_.load();
+      if (s == kOpen) return true;
       leave();
-      return false;
+      if (s == kClosed) return false;
+      std::unique_lock lock(mu_);
+      changed_.wait(lock, [&] { return state_.load() != kPaused; });
     }
-    return true;
   }
   void leave() {
-    if (inflight_.fetch_sub(1) == 1 && closed_.load()) {
-      std::lock_guard lock(mu_);  // close() is waiting, or about to: it cannot miss this
-      drained_.notify_all();
+    if (inflight_.fetch_sub(1) == 1 && state_.load() != kOpen) {
+      std::lock_guard lock(mu_);  // pause() or close() is waiting, or about to: it cannot miss this
+      changed_.notify_all();
     }
   }
-  // Refuses new requests and waits for the ones inside to finish.
-  void close() {
-    closed_.store(true);
-    std::unique_lock lock(mu_);
-    drained_.wait(lock, [&] { return inflight_.load() == 0; });
+  // Refuses new requests (EKEYREVOKED) and waits for the ones inside to finish.
+  void close() { set_and_drain(kClosed); }
+  // Holds new requests back (they wait, then go on) and waits for the ones inside to finish:
+  // for swapping the keys while the volume stays in service.
+  void pause() { set_and_drain(kPaused); }
+  void open() {
+    std::lock_guard lock(mu_);
+    state_.store(kOpen);
+    changed_.notify_all();
   }
-  void open() { closed_.store(false); }
-  bool closed() const { return closed_.load(); }
+  bool closed() const { return state_.load() == kClosed; }
 
  private:
+  static constexpr int kOpen = 0, kPaused = 1, kClosed = 2;
+  void set_and_drain(int state) {
+    std::unique_lock lock(mu_);
+    state_.store(state);
+    changed_.notify_all();  // requests waiting on a pause learn of a close
+    changed_.wait(lock, [&] { return inflight_.load() == 0; });
+  }
+
   std::atomic<long> inflight_{0};
-  std::atomic<bool> closed_{false};
+  std::atomic<int> state_{kOpen};
   std::mutex mu_;
-  std::condition_variable drained_;
+  std::condition_variable changed_;
 };
 
 // enter()/leave() for one scope; `ok` says whether the request may go on.

@@ -7,8 +7,12 @@ namespace envelopefs {
 
 KeyWatch::KeyWatch(fuse_session* se, Filesystem& fs, std::string cipher_dir, ProviderOptions provider,
                    KeyWatchOptions options)
-    : se_(se), fs_(fs), cipher_dir_(std::move(cipher_dir)), provider_(std::move(provider)),
-      options_(options), last_good_(std::chrono::steady_clock::now()) {
+    : se_(se),
+      fs_(fs),
+      cipher_dir_(std::move(cipher_dir)),
+      provider_(std::move(provider)),
+      options_(options),
+      last_good_(std::chrono::steady_clock::now()) {
   if (options_.interval.count() > 0) thread_ = std::thread([this] { run(); });
 }
 
@@ -34,13 +38,25 @@ void KeyWatch::check() {
   const bool revoked = fs_.gate().closed();
   // Only the watcher closes the gate, so while it is closed no request touches the keys and
   // recheck_root may rebuild them; while it is open recheck_root only reads the config.
-  Status st = recheck_root(cipher_dir_, provider_, fs_.keys());
+  std::unique_ptr<VolumeKeys> fresh;
+  Status st = recheck_root(cipher_dir_, provider_, fs_.keys(), &fresh);
   if (st.ok()) {
     last_good_ = std::chrono::steady_clock::now();
     if (revoked) {
+      fs_.keys() = std::move(*fresh);
       fs_.gate().open();
       log_info("root key available again: keys restored, the volume is back in service");
       record("restored", "ok", "keys unwrapped again; requests are served");
+    } else if (fresh) {
+      // A new active DEK version (envelopefs rotate-dek): requests wait a moment, not fail.
+      const uint32_t before = fs_.keys().active_version();
+      fs_.gate().pause();
+      fs_.keys() = std::move(*fresh);
+      fs_.gate().open();
+      const std::string what = "DEK v" + std::to_string(fs_.keys().active_version()) + " is active (was v" +
+                               std::to_string(before) + "); new writes are sealed under it";
+      log_info(what);
+      record("dek-switch", "ok", what);
     }
     return;
   }
@@ -63,7 +79,8 @@ void KeyWatch::revoke(const std::string& why) {
   fs_.gate().close();
   fs_.keys().wipe();
   drop_kernel_caches();  // anything read in the meantime
-  log_error("root key revoked (" + why + "): keys zeroized; every request now fails with "
+  log_error("root key revoked (" + why +
+            "): keys zeroized; every request now fails with "
             "EKEYREVOKED until the root key is available again");
   record("revoked", "keys zeroized", why);
 }

@@ -10,7 +10,9 @@
 //   2. closes the key gate (fs/key_gate.h) and waits for requests in flight,
 //   3. wipes every key (cleansed), drops the caches once more,
 // after which every request is answered EKEYREVOKED. It keeps asking; once the root opens the
-// volume again, the keys are rebuilt and the gate reopens. Each transition is logged.
+// volume again, the keys are rebuilt and the gate reopens. When the config names a new active
+// DEK version (envelopefs rotate-dek), the keys are swapped behind a paused gate: requests
+// wait for the swap instead of failing. Each transition is logged and audited.
 #pragma once
 
 #include <chrono>

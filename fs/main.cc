@@ -1,4 +1,4 @@
-// The envelopefs command line: init, mount, unmount, status, fsck, rewrap.
+// The envelopefs command line: init, mount, unmount, status, fsck, rewrap, rotate-dek.
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -63,6 +63,35 @@ int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOpti
               "of envelopefs.conf taken before now still need it to open.\n",
               after->deks.size(), to_hex(after->volume_id).c_str(), before->root_uri.c_str(),
               after->root_uri.c_str());
+  return 0;
+}
+
+int cmd_rotate_dek(const std::string& dir, const ProviderOptions& po) {
+  int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) {
+    std::fprintf(stderr, "envelopefs rotate-dek: cannot open %s: %s\n", dir.c_str(), std::strerror(errno));
+    return 1;
+  }
+  if (flock(dfd, LOCK_EX | LOCK_NB) != 0) {  // the same lock as rewrap: one config change at a time
+    std::fprintf(stderr, "envelopefs rotate-dek: another rewrap or rotation of %s is running\n", dir.c_str());
+    close(dfd);
+    return 1;
+  }
+  auto after = rotate_dek(dir, po);
+  close(dfd);
+  if (!after.ok()) {
+    AuditRecord r = audit_failure("rotate-dek", after.status());
+    r.cipher_dir = dir;
+    audit(r);
+    std::fprintf(stderr, "envelopefs rotate-dek: %s\nnothing was changed\n", after.status().to_string().c_str());
+    return 1;
+  }
+  const uint32_t v = after->active_dek()->version;
+  audit({"rotate-dek", "ok", to_hex(after->volume_id), dir, after->root_uri, "DEK v" + std::to_string(v) + " active"});
+  std::printf("DEK v%u of volume %s is active; the older versions are retired and kept (blocks written\n"
+              "under them still need them). New writes are sealed under v%u: at once for a new mount,\n"
+              "within --key-check-interval for a running one. No data was re-encrypted.\n",
+              v, to_hex(after->volume_id).c_str(), v);
   return 0;
 }
 
@@ -212,7 +241,8 @@ void split_options(const std::string& opts, MountOptions* mo) {
 int main(int argc, char** argv) {
   using namespace envelopefs;
   // `envelopefs CIPHERDIR MOUNTPOINT -o OPTS`, the form mount.fuse3 uses for fuse.envelopefs.
-  static const std::set<std::string> kCommands = {"init", "mount", "unmount", "umount", "status", "fsck", "rewrap"};
+  static const std::set<std::string> kCommands = {"init",   "mount", "unmount", "umount",
+                                                  "status", "fsck",  "rewrap",  "rotate-dek"};
   std::vector<std::string> args(argv, argv + argc);
   if (args.size() >= 3 && args[1][0] != '-' && !kCommands.count(args[1])) {
     args.insert(args.begin() + 1, "mount");
@@ -294,6 +324,12 @@ int main(int argc, char** argv) {
   rewrap->add_option("--new-passfile", next_po.passfile, "the new root's passphrase / PIN file");
   rewrap->add_option("CIPHERDIR", dir)->required();
 
+  auto* rotate = app.add_subcommand(
+      "rotate-dek", "make a new DEK version the active one (new writes are sealed under it; older\n"
+                    "versions are kept for the blocks written under them); no data is re-encrypted");
+  rotate->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
+  rotate->add_option("CIPHERDIR", dir)->required();
+
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
   fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
@@ -324,5 +360,6 @@ int main(int argc, char** argv) {
   if (*status) return cmd_status(dir, json);
   if (*fsck) return run_fsck(dir, po, quiet);
   if (*rewrap) return cmd_rewrap(dir, rewrap_to, po, next_po);
+  if (*rotate) return cmd_rotate_dek(dir, po);
   return 1;
 }

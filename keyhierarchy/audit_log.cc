@@ -36,10 +36,14 @@ bool audit(const AuditRecord& r) {
   gmtime_r(&t, &tm);
   char when[32];
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  nlohmann::ordered_json j = {{"time", when},          {"event", r.event},
-                              {"outcome", r.outcome},  {"volume", r.volume},
-                              {"cipher_dir", r.cipher_dir}, {"root", r.root},
-                              {"uid", getuid()},       {"pid", getpid()}};
+  nlohmann::ordered_json j = {{"time", when},
+                              {"event", r.event},
+                              {"outcome", r.outcome},
+                              {"volume", r.volume},
+                              {"cipher_dir", r.cipher_dir},
+                              {"root", r.root},
+                              {"uid", getuid()},
+                              {"pid", getpid()}};
   if (!r.detail.empty()) j["detail"] = r.detail;
   // Invalid UTF-8 in a path is replaced, not refused: the record must still be written.
   std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";

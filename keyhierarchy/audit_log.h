@@ -5,9 +5,10 @@
 //   {"time":"2026-11-29T16:40:00Z","event":"mount","outcome":"ok","volume":"<32 hex>",
 //    "cipher_dir":"/srv/c","root":"pkcs11:token=...","uid":0,"pid":1234,"detail":"..."}
 //
-// Events: init, mount, rewrap, revoked, restored, unmount, fsck. Outcome "ok", or the error class
-// (access denied, key service unreachable, authentication failed, ...) with the message in
-// detail; a "revoked" record says "keys zeroized" and why. A record never holds key material or a PIN: only what the config itself holds.
+// Events: init, mount, rewrap, rotate-dek, dek-switch, revoked, restored, unmount, fsck.
+// Outcome "ok", or the error class (access denied, key service unreachable, authentication
+// failed, ...) with the message in detail; a "revoked" record says "keys zeroized" and why.
+// A record never holds key material or a PIN: only what the config itself holds.
 // Each record is one write(2) with O_APPEND (whole lines even with several writers) followed
 // by fdatasync. Writing the log never fails the operation it records; a log that cannot be
 // written is reported on stderr (and by the daemon in its own log: audit() returns false).
@@ -22,9 +23,9 @@ namespace envelopefs {
 struct AuditRecord {
   std::string event;
   std::string outcome = "ok";
-  std::string volume;      // hex volume id, if known
+  std::string volume;  // hex volume id, if known
   std::string cipher_dir;
-  std::string root;        // the root key provider URI, if known
+  std::string root;  // the root key provider URI, if known
   std::string detail;
 };
 

@@ -27,11 +27,13 @@ constexpr size_t kMaxResponse = 1 << 16;
 constexpr int kTimeoutSeconds = 10;
 
 // KMIP enumerations (KMIP 1.4, section 9.1.3.2).
-constexpr uint32_t kOpCreate = 0x01, kOpLocate = 0x08, kOpActivate = 0x12, kOpEncrypt = 0x1F, kOpDecrypt = 0x20;
+constexpr uint32_t kOpCreate = 0x01, kOpLocate = 0x08, kOpActivate = 0x12, kOpEncrypt = 0x1F,
+                   kOpDecrypt = 0x20;
 constexpr uint32_t kObjectSymmetricKey = 0x02, kAlgorithmAes = 0x03, kModeGcm = 0x09;
 constexpr uint32_t kNameUninterpretedText = 0x01;
 constexpr int32_t kUsageEncrypt = 0x04, kUsageDecrypt = 0x08;
-constexpr uint32_t kReasonItemNotFound = 0x01, kReasonAuthentication = 0x03, kReasonCryptographicFailure = 0x0A;
+constexpr uint32_t kReasonItemNotFound = 0x01, kReasonAuthentication = 0x03,
+                   kReasonCryptographicFailure = 0x0A;
 constexpr uint32_t kReasonPermissionDenied = 0x0C, kReasonObjectArchived = 0x0D;
 constexpr uint32_t kReasonGeneralFailure = 0x100;
 
@@ -62,11 +64,13 @@ Result<KmipUri> parse_uri(const std::string& uri) {
     } catch (const std::exception&) {
       u.port = -1;
     }
-    if (u.port <= 0 || u.port > 65535) return Status(Code::kInvalidArgument, "kmip:// URI: bad port in '" + authority + "'");
+    if (u.port <= 0 || u.port > 65535)
+      return Status(Code::kInvalidArgument, "kmip:// URI: bad port in '" + authority + "'");
   } else {
     u.host = authority;
   }
-  if (u.host.empty()) return Status(Code::kInvalidArgument, "kmip:// URI needs a host: kmip://HOST:PORT/?...");
+  if (u.host.empty())
+    return Status(Code::kInvalidArgument, "kmip:// URI needs a host: kmip://HOST:PORT/?...");
   std::map<std::string, std::string> params;
   if (q != std::string::npos) {
     std::string query = rest.substr(q + 1);
@@ -76,7 +80,8 @@ Result<KmipUri> parse_uri(const std::string& uri) {
       std::string kv = query.substr(pos, amp == std::string::npos ? std::string::npos : amp - pos);
       if (!kv.empty()) {
         size_t eq = kv.find('=');
-        if (eq == std::string::npos) return Status(Code::kInvalidArgument, "kmip:// URI: '" + kv + "' is not KEY=VALUE");
+        if (eq == std::string::npos)
+          return Status(Code::kInvalidArgument, "kmip:// URI: '" + kv + "' is not KEY=VALUE");
         params[kv.substr(0, eq)] = kv.substr(eq + 1);
       }
       if (amp == std::string::npos) break;
@@ -84,17 +89,26 @@ Result<KmipUri> parse_uri(const std::string& uri) {
     }
   }
   for (const auto& [k, v] : params) {
-    if (k == "name") u.name = v;
-    else if (k == "uid") u.uid = v;
-    else if (k == "ca") u.ca = v;
-    else if (k == "cert") u.cert = v;
-    else if (k == "key") u.key = v;
-    else return Status(Code::kInvalidArgument, "kmip:// URI: unknown parameter '" + k + "' (name, uid, ca, cert, key)");
+    if (k == "name")
+      u.name = v;
+    else if (k == "uid")
+      u.uid = v;
+    else if (k == "ca")
+      u.ca = v;
+    else if (k == "cert")
+      u.cert = v;
+    else if (k == "key")
+      u.key = v;
+    else
+      return Status(Code::kInvalidArgument,
+                    "kmip:// URI: unknown parameter '" + k + "' (name, uid, ca, cert, key)");
   }
-  if (u.name.empty() && u.uid.empty()) return Status(Code::kInvalidArgument, "kmip:// URI must name the key: name=NAME (or uid=ID)");
+  if (u.name.empty() && u.uid.empty())
+    return Status(Code::kInvalidArgument, "kmip:// URI must name the key: name=NAME (or uid=ID)");
   for (const std::string* p : {&u.ca, &u.cert, &u.key}) {
     if (p->empty() || (*p)[0] != '/') {
-      return Status(Code::kInvalidArgument, "kmip:// URI needs ca=, cert= and key= as absolute paths (PEM files)");
+      return Status(Code::kInvalidArgument,
+                    "kmip:// URI needs ca=, cert= and key= as absolute paths (PEM files)");
     }
   }
   return u;
@@ -145,8 +159,10 @@ class Exchange {
     }
     Bytes response(8);
     ENVELOPEFS_RETURN_IF_ERROR(read_exact(response.data(), 8));
-    const size_t len = (size_t{response[4]} << 24) | (size_t{response[5]} << 16) | (size_t{response[6]} << 8) | response[7];
-    if (len > kMaxResponse) return Status(Code::kCorrupt, "KMIP server " + where() + " sent an oversized response");
+    const size_t len =
+        (size_t{response[4]} << 24) | (size_t{response[5]} << 16) | (size_t{response[6]} << 8) | response[7];
+    if (len > kMaxResponse)
+      return Status(Code::kCorrupt, "KMIP server " + where() + " sent an oversized response");
     response.resize(8 + len);
     ENVELOPEFS_RETURN_IF_ERROR(read_exact(response.data() + 8, len));
     return response;
@@ -159,7 +175,9 @@ class Exchange {
     size_t got = 0;
     while (got < n) {
       int r = SSL_read(ssl_, p + got, static_cast<int>(n - got));
-      if (r <= 0) return Status(Code::kUnreachable, tls_error("KMIP server " + where() + ": connection closed mid-response"));
+      if (r <= 0)
+        return Status(Code::kUnreachable,
+                      tls_error("KMIP server " + where() + ": connection closed mid-response"));
       got += static_cast<size_t>(r);
     }
     return Status::Ok();
@@ -168,7 +186,8 @@ class Exchange {
   Status connect_tls() {
     struct stat st;
     if (stat(u_.key.c_str(), &st) == 0 && (st.st_mode & S_IROTH) != 0) {
-      return Status(Code::kAccessDenied, "KMIP client key " + u_.key + " is readable by anyone; run chmod o-r " + u_.key);
+      return Status(Code::kAccessDenied,
+                    "KMIP client key " + u_.key + " is readable by anyone; run chmod o-r " + u_.key);
     }
     ctx_ = SSL_CTX_new(TLS_client_method());
     if (ctx_ == nullptr) return Status(Code::kInternal, tls_error("TLS context"));
@@ -179,7 +198,8 @@ class Exchange {
     if (SSL_CTX_use_certificate_chain_file(ctx_, u_.cert.c_str()) != 1) {
       return Status(Code::kInvalidArgument, tls_error("cannot load the KMIP client certificate " + u_.cert));
     }
-    if (SSL_CTX_use_PrivateKey_file(ctx_, u_.key.c_str(), SSL_FILETYPE_PEM) != 1 || SSL_CTX_check_private_key(ctx_) != 1) {
+    if (SSL_CTX_use_PrivateKey_file(ctx_, u_.key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx_) != 1) {
       return Status(Code::kInvalidArgument, tls_error("cannot load the KMIP client key " + u_.key));
     }
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
@@ -216,7 +236,8 @@ class Exchange {
     }
     if (SSL_connect(ssl_) != 1) {
       long v = SSL_get_verify_result(ssl_);
-      std::string why = v != X509_V_OK ? std::string(": certificate: ") + X509_verify_cert_error_string(v) : "";
+      std::string why =
+          v != X509_V_OK ? std::string(": certificate: ") + X509_verify_cert_error_string(v) : "";
       return Status(Code::kUnreachable, tls_error("KMIP server " + where() + ": TLS handshake failed" + why));
     }
     return Status::Ok();
@@ -252,12 +273,14 @@ Status refusal(uint32_t reason, const std::string& message, const std::string& w
 
 // Sends one operation and returns its response payload (an empty structure if it has none).
 Result<Item> call(const KmipUri& u, uint32_t operation, Item payload, const std::string& what) {
-  Item request = Item::structure(tag::kRequestMessage, {
-      Item::structure(tag::kRequestHeader, {
-          Item::structure(tag::kProtocolVersion, {Item::integer(tag::kProtocolVersionMajor, 1),
-                                                  Item::integer(tag::kProtocolVersionMinor, 4)}),
-          Item::integer(tag::kBatchCount, 1)}),
-      Item::structure(tag::kBatchItem, {Item::enumeration(tag::kOperation, operation), std::move(payload)})});
+  Item request = Item::structure(
+      tag::kRequestMessage,
+      {Item::structure(tag::kRequestHeader, {Item::structure(tag::kProtocolVersion,
+                                                             {Item::integer(tag::kProtocolVersionMajor, 1),
+                                                              Item::integer(tag::kProtocolVersionMinor, 4)}),
+                                             Item::integer(tag::kBatchCount, 1)}),
+       Item::structure(tag::kBatchItem,
+                       {Item::enumeration(tag::kOperation, operation), std::move(payload)})});
   Bytes wire = kmip::encode(request);
   cleanse(request);
   Exchange ex(u);
@@ -291,16 +314,18 @@ Result<Item> call(const KmipUri& u, uint32_t operation, Item payload, const std:
 }
 
 Item crypto_params() {
-  return Item::structure(tag::kCryptographicParameters, {Item::enumeration(tag::kBlockCipherMode, kModeGcm),
-                                                          Item::enumeration(tag::kCryptographicAlgorithm, kAlgorithmAes),
-                                                          Item::integer(tag::kTagLength, kTagSize)});
+  return Item::structure(tag::kCryptographicParameters,
+                         {Item::enumeration(tag::kBlockCipherMode, kModeGcm),
+                          Item::enumeration(tag::kCryptographicAlgorithm, kAlgorithmAes),
+                          Item::integer(tag::kTagLength, kTagSize)});
 }
 
 Item name_attribute(const std::string& name) {
-  return Item::structure(tag::kAttribute, {
-      Item::text(tag::kAttributeName, "Name"),
-      Item::structure(tag::kAttributeValue, {Item::text(tag::kNameValue, name),
-                                             Item::enumeration(tag::kNameType, kNameUninterpretedText)})});
+  return Item::structure(
+      tag::kAttribute,
+      {Item::text(tag::kAttributeName, "Name"),
+       Item::structure(tag::kAttributeValue, {Item::text(tag::kNameValue, name),
+                                              Item::enumeration(tag::kNameType, kNameUninterpretedText)})});
 }
 
 Item attribute(const std::string& name, Item value) {
@@ -313,8 +338,8 @@ class KmipProvider final : public RootKeyProvider {
   explicit KmipProvider(KmipUri u) : u_(std::move(u)) {}
   std::string uri() const override { return u_.canonical(); }
   std::string describe() const override {
-    return "KMIP key " + (u_.name.empty() ? "" : "'" + u_.name + "' ") + "(id " + u_.uid + ") on " + u_.host + ":" +
-           std::to_string(u_.port);
+    return "KMIP key " + (u_.name.empty() ? "" : "'" + u_.name + "' ") + "(id " + u_.uid + ") on " + u_.host +
+           ":" + std::to_string(u_.port);
   }
 
   Status resolve(bool creating) {
@@ -327,26 +352,30 @@ class KmipProvider final : public RootKeyProvider {
       if (c.tag == tag::kUniqueIdentifier) ids.push_back(c.as_text());
     }
     if (ids.size() > 1) {
-      return Status(Code::kInvalidArgument, "more than one key named '" + u_.name + "' on the KMIP server; give uid=");
+      return Status(Code::kInvalidArgument,
+                    "more than one key named '" + u_.name + "' on the KMIP server; give uid=");
     }
     if (ids.size() == 1) {
       u_.uid = ids[0];
       return Status::Ok();
     }
     if (!creating) return Status(Code::kAccessDenied, "no key named '" + u_.name + "' on the KMIP server");
-    Item create = Item::structure(tag::kRequestPayload, {
-        Item::enumeration(tag::kObjectType, kObjectSymmetricKey),
-        Item::structure(tag::kTemplateAttribute, {
-            attribute("Cryptographic Algorithm", Item::enumeration(0, kAlgorithmAes)),
-            attribute("Cryptographic Length", Item::integer(0, 256)),
-            attribute("Cryptographic Usage Mask", Item::integer(0, kUsageEncrypt | kUsageDecrypt)),
-            name_attribute(u_.name)})});
+    Item create = Item::structure(
+        tag::kRequestPayload,
+        {Item::enumeration(tag::kObjectType, kObjectSymmetricKey),
+         Item::structure(
+             tag::kTemplateAttribute,
+             {attribute("Cryptographic Algorithm", Item::enumeration(0, kAlgorithmAes)),
+              attribute("Cryptographic Length", Item::integer(0, 256)),
+              attribute("Cryptographic Usage Mask", Item::integer(0, kUsageEncrypt | kUsageDecrypt)),
+              name_attribute(u_.name)})});
     auto created = call(u_, kOpCreate, std::move(create), "KMIP Create of key '" + u_.name + "'");
     if (!created.ok()) return created.status();
     const Item* id = created->find(tag::kUniqueIdentifier);
     if (id == nullptr) return Status(Code::kCorrupt, "KMIP Create returned no identifier");
     u_.uid = id->as_text();
-    auto active = call(u_, kOpActivate, Item::structure(tag::kRequestPayload, {Item::text(tag::kUniqueIdentifier, u_.uid)}),
+    auto active = call(u_, kOpActivate,
+                       Item::structure(tag::kRequestPayload, {Item::text(tag::kUniqueIdentifier, u_.uid)}),
                        "KMIP Activate of key " + u_.uid);
     return active.status();
   }
@@ -354,15 +383,18 @@ class KmipProvider final : public RootKeyProvider {
   Result<Bytes> wrap(const SecretBytes& key, ByteView context) override {
     Bytes iv(kIvSize);
     ENVELOPEFS_RETURN_IF_ERROR(random_fill(iv));
-    auto r = call(u_, kOpEncrypt, Item::structure(tag::kRequestPayload, {
-                      Item::text(tag::kUniqueIdentifier, u_.uid), crypto_params(),
-                      Item::bytestring(tag::kData, key.view()), Item::bytestring(tag::kIvCounterNonce, iv),
-                      Item::bytestring(tag::kAuthenticatedEncryptionAdditionalData, context)}),
-                  "KMIP Encrypt with key " + u_.uid);
+    auto r = call(
+        u_, kOpEncrypt,
+        Item::structure(tag::kRequestPayload,
+                        {Item::text(tag::kUniqueIdentifier, u_.uid), crypto_params(),
+                         Item::bytestring(tag::kData, key.view()), Item::bytestring(tag::kIvCounterNonce, iv),
+                         Item::bytestring(tag::kAuthenticatedEncryptionAdditionalData, context)}),
+        "KMIP Encrypt with key " + u_.uid);
     if (!r.ok()) return r.status();
     const Item* data = r->find(tag::kData);
     const Item* tag_out = r->find(tag::kAuthenticatedEncryptionTag);
-    if (data == nullptr || tag_out == nullptr || data->bytes.size() != key.size() || tag_out->bytes.size() != kTagSize) {
+    if (data == nullptr || tag_out == nullptr || data->bytes.size() != key.size() ||
+        tag_out->bytes.size() != kTagSize) {
       return Status(Code::kCorrupt, "KMIP Encrypt returned no ciphertext or tag of the expected size");
     }
     Bytes out = iv;
@@ -374,13 +406,15 @@ class KmipProvider final : public RootKeyProvider {
   Result<SecretBytes> unwrap(ByteView wrapped, ByteView context) override {
     if (wrapped.size() <= kIvSize + kTagSize) return Status(Code::kCorrupt, "wrapped key too short");
     const size_t n = wrapped.size() - kIvSize - kTagSize;
-    auto r = call(u_, kOpDecrypt, Item::structure(tag::kRequestPayload, {
-                      Item::text(tag::kUniqueIdentifier, u_.uid), crypto_params(),
-                      Item::bytestring(tag::kData, wrapped.subspan(kIvSize, n)),
-                      Item::bytestring(tag::kIvCounterNonce, wrapped.first(kIvSize)),
-                      Item::bytestring(tag::kAuthenticatedEncryptionAdditionalData, context),
-                      Item::bytestring(tag::kAuthenticatedEncryptionTag, wrapped.last(kTagSize))}),
-                  "KMIP Decrypt with key " + u_.uid);
+    auto r =
+        call(u_, kOpDecrypt,
+             Item::structure(tag::kRequestPayload,
+                             {Item::text(tag::kUniqueIdentifier, u_.uid), crypto_params(),
+                              Item::bytestring(tag::kData, wrapped.subspan(kIvSize, n)),
+                              Item::bytestring(tag::kIvCounterNonce, wrapped.first(kIvSize)),
+                              Item::bytestring(tag::kAuthenticatedEncryptionAdditionalData, context),
+                              Item::bytestring(tag::kAuthenticatedEncryptionTag, wrapped.last(kTagSize))}),
+             "KMIP Decrypt with key " + u_.uid);
     if (!r.ok()) return r.status();
     Item& payload = *r;
     const Item* data = payload.find(tag::kData);

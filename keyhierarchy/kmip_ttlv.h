@@ -45,9 +45,9 @@ constexpr uint32_t kAuthenticatedEncryptionTag = 0x4200FF;
 struct Item {
   uint32_t tag = 0;
   Type type = Type::kStructure;
-  int64_t number = 0;         // Integer, LongInteger, Enumeration, Boolean, DateTime
-  Bytes bytes;                // TextString, ByteString
-  std::vector<Item> items;    // Structure
+  int64_t number = 0;       // Integer, LongInteger, Enumeration, Boolean, DateTime
+  Bytes bytes;              // TextString, ByteString
+  std::vector<Item> items;  // Structure
 
   static Item structure(uint32_t t, std::vector<Item> children) {
     Item i{t, Type::kStructure, 0, {}, std::move(children)};
@@ -55,8 +55,12 @@ struct Item {
   }
   static Item integer(uint32_t t, int32_t v) { return {t, Type::kInteger, v, {}, {}}; }
   static Item enumeration(uint32_t t, uint32_t v) { return {t, Type::kEnumeration, v, {}, {}}; }
-  static Item text(uint32_t t, const std::string& s) { return {t, Type::kTextString, 0, Bytes(s.begin(), s.end()), {}}; }
-  static Item bytestring(uint32_t t, ByteView b) { return {t, Type::kByteString, 0, Bytes(b.begin(), b.end()), {}}; }
+  static Item text(uint32_t t, const std::string& s) {
+    return {t, Type::kTextString, 0, Bytes(s.begin(), s.end()), {}};
+  }
+  static Item bytestring(uint32_t t, ByteView b) {
+    return {t, Type::kByteString, 0, Bytes(b.begin(), b.end()), {}};
+  }
 
   // The first child with `t`, or nullptr.
   const Item* find(uint32_t t) const;

@@ -79,7 +79,9 @@ std::string trimmed(const unsigned char* s, size_t n) {
 class Pkcs11Provider final : public RootKeyProvider {
  public:
   Pkcs11Provider(std::string uri, std::string module, std::string token, std::string label)
-      : uri_(std::move(uri)), module_path_(std::move(module)), token_(std::move(token)),
+      : uri_(std::move(uri)),
+        module_path_(std::move(module)),
+        token_(std::move(token)),
         label_(std::move(label)) {}
 
   ~Pkcs11Provider() override {
@@ -135,10 +137,11 @@ class Pkcs11Provider final : public RootKeyProvider {
       return token_error(rv, "token '" + token_ + "' cannot encrypt with key '" + label_ + "'");
     }
     CK_ULONG n = out.size() - kIvSize;
-    CK_RV rv = module_->C_Encrypt(session_, const_cast<uint8_t*>(key.data()), key.size(),
-                                  out.data() + kIvSize, &n);
+    CK_RV rv =
+        module_->C_Encrypt(session_, const_cast<uint8_t*>(key.data()), key.size(), out.data() + kIvSize, &n);
     if (rv != CKR_OK) return token_error(rv, "wrap on token '" + token_ + "'");
-    if (n != key.size() + kTagSize) return Status(Code::kInternal, "token returned an unexpected wrap length");
+    if (n != key.size() + kTagSize)
+      return Status(Code::kInternal, "token returned an unexpected wrap length");
     return out;
   }
 
@@ -162,7 +165,8 @@ class Pkcs11Provider final : public RootKeyProvider {
     // CKR_ENCRYPTED_DATA_INVALID; a device error still counts as the token unreachable.
     if (rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED) rv = CKR_ENCRYPTED_DATA_INVALID;
     if (rv != CKR_OK) return token_error(rv, "unwrap on token '" + token_ + "'");
-    if (n != wrapped.size() - kIvSize - kTagSize) return Status(Code::kCorrupt, "unwrapped key has the wrong length");
+    if (n != wrapped.size() - kIvSize - kTagSize)
+      return Status(Code::kCorrupt, "unwrapped key has the wrong length");
     return SecretBytes(plain.data(), n);
   }
 
@@ -219,16 +223,16 @@ class Pkcs11Provider final : public RootKeyProvider {
     (void)module_->C_FindObjectsFinal(session_);
     if (rv != CKR_OK) return token_error(rv, "cannot search token '" + token_ + "'");
     if (nfound > 1) {
-      return Status(Code::kInvalidArgument, "more than one secret key on token '" + token_ +
-                                                "' matches " + uri_ + "; add id=... to the URI");
+      return Status(Code::kInvalidArgument, "more than one secret key on token '" + token_ + "' matches " +
+                                                uri_ + "; add id=... to the URI");
     }
     if (nfound == 1) {
       key_ = found[0];
       return check_key();
     }
     if (!creating) {
-      return Status(Code::kAccessDenied, "key '" + label_ + "' is not on token '" + token_ +
-                                             "' (destroyed or revoked?)");
+      return Status(Code::kAccessDenied,
+                    "key '" + label_ + "' is not on token '" + token_ + "' (destroyed or revoked?)");
     }
     return generate_key(uri);
   }
@@ -246,11 +250,13 @@ class Pkcs11Provider final : public RootKeyProvider {
       return token_error(rv, "cannot read the attributes of key '" + label_ + "'");
     }
     if (type != CKK_AES || len != kRootKeyBytes) {
-      return Status(Code::kInvalidArgument, "key '" + label_ + "' on token '" + token_ + "' is not an AES-256 key");
+      return Status(Code::kInvalidArgument,
+                    "key '" + label_ + "' on token '" + token_ + "' is not an AES-256 key");
     }
     if (sensitive != CK_TRUE || extractable != CK_FALSE) {
-      return Status(Code::kInvalidArgument, "key '" + label_ + "' on token '" + token_ +
-                                                "' can leave the token (it must be sensitive and not extractable)");
+      return Status(Code::kInvalidArgument,
+                    "key '" + label_ + "' on token '" + token_ +
+                        "' can leave the token (it must be sensitive and not extractable)");
     }
     return Status::Ok();
   }
@@ -261,11 +267,11 @@ class Pkcs11Provider final : public RootKeyProvider {
     CK_ULONG len = kRootKeyBytes;
     CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
     std::vector<CK_ATTRIBUTE> tmpl = {
-        {CKA_CLASS, &cls, sizeof cls},          {CKA_KEY_TYPE, &type, sizeof type},
-        {CKA_VALUE_LEN, &len, sizeof len},      {CKA_TOKEN, &yes, sizeof yes},
-        {CKA_PRIVATE, &yes, sizeof yes},        {CKA_SENSITIVE, &yes, sizeof yes},
-        {CKA_EXTRACTABLE, &no, sizeof no},      {CKA_ENCRYPT, &yes, sizeof yes},
-        {CKA_DECRYPT, &yes, sizeof yes},        {CKA_WRAP, &no, sizeof no},
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &type, sizeof type},
+        {CKA_VALUE_LEN, &len, sizeof len}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_ENCRYPT, &yes, sizeof yes},
+        {CKA_DECRYPT, &yes, sizeof yes},   {CKA_WRAP, &no, sizeof no},
         {CKA_UNWRAP, &no, sizeof no},
     };
     for (CK_ATTRIBUTE_TYPE t : {CKA_LABEL, CKA_ID}) {
@@ -289,11 +295,11 @@ class Pkcs11Provider final : public RootKeyProvider {
 }  // namespace
 
 Result<std::unique_ptr<RootKeyProvider>> make_pkcs11_provider(const std::string& uri,
-                                                              const ProviderOptions& options,
-                                                              bool creating) {
+                                                              const ProviderOptions& options, bool creating) {
   std::unique_ptr<P11KitUri, void (*)(P11KitUri*)> parsed(p11_kit_uri_new(), p11_kit_uri_free);
   if (int rc = p11_kit_uri_parse(uri.c_str(), P11_KIT_URI_FOR_ANY, parsed.get()); rc != P11_KIT_URI_OK) {
-    return Status(Code::kInvalidArgument, "not a PKCS#11 URI (RFC 7512): '" + uri + "': " + p11_kit_uri_message(rc));
+    return Status(Code::kInvalidArgument,
+                  "not a PKCS#11 URI (RFC 7512): '" + uri + "': " + p11_kit_uri_message(rc));
   }
   if (p11_kit_uri_get_pin_value(parsed.get()) != nullptr) {
     return Status(Code::kInvalidArgument,
@@ -302,8 +308,9 @@ Result<std::unique_ptr<RootKeyProvider>> make_pkcs11_provider(const std::string&
   }
   const char* module = p11_kit_uri_get_module_path(parsed.get());
   if (module == nullptr) {
-    return Status(Code::kInvalidArgument,
-                  "the pkcs11: URI needs module-path=/PATH/TO/MODULE.so (e.g. /usr/lib/softhsm/libsofthsm2.so)");
+    return Status(
+        Code::kInvalidArgument,
+        "the pkcs11: URI needs module-path=/PATH/TO/MODULE.so (e.g. /usr/lib/softhsm/libsofthsm2.so)");
   }
   std::string label = text_attribute(parsed.get(), CKA_LABEL);
   if (label.empty() && p11_kit_uri_get_attribute(parsed.get(), CKA_ID) == nullptr) {

@@ -15,7 +15,8 @@ Result<SecretBytes> read_secret_file(const std::string& path, const std::string&
   struct stat st;
   if (private_only && fstat(fd, &st) == 0 && (st.st_mode & S_IROTH) != 0) {
     close(fd);
-    return Status(Code::kAccessDenied, what + " file " + path + " is readable by anyone; run chmod o-r " + path);
+    return Status(Code::kAccessDenied,
+                  what + " file " + path + " is readable by anyone; run chmod o-r " + path);
   }
   SecretBytes buf(kMax);
   ssize_t n = read(fd, buf.data(), kMax);

@@ -175,7 +175,8 @@ Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOp
   return OpenedVolume{std::move(c), std::move(provider).value(), std::move(keys).value()};
 }
 
-Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, VolumeKeys& keys) {
+Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, const VolumeKeys& keys,
+                    std::unique_ptr<VolumeKeys>* fresh) {
   auto config = load_config(cipher_dir);
   if (!config.ok()) return config.status();
   if (config->volume_id != keys.volume_id()) {
@@ -186,12 +187,37 @@ Status recheck_root(const std::string& cipher_dir, const ProviderOptions& option
   std::map<uint32_t, SecretBytes> deks;
   SecretBytes name_key;
   ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(*config, **provider, &deks, &name_key));
-  if (!keys.present()) {
+  if (!keys.present() || config->active_dek()->version != keys.active_version()) {
     auto built = VolumeKeysBuilder::build(*config, deks, name_key);
     if (!built.ok()) return built.status();
-    keys = std::move(**built);
+    *fresh = std::move(built).value();
   }
   return Status::Ok();
+}
+
+Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOptions& options) {
+  auto config = load_config(cipher_dir);
+  if (!config.ok()) return config.status();
+  VolumeConfig c = *config;
+  auto root = make_root_provider(c.root_uri, c.root_params, options, false);
+  if (!root.ok()) return root.status();
+  std::map<uint32_t, SecretBytes> deks;
+  SecretBytes name_key;
+  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(c, **root, &deks, &name_key));
+  uint32_t next = 0;
+  for (const DekRecord& r : c.deks) next = std::max(next, r.version);
+  next += 1;
+  auto dek = SecretBytes::random(32);
+  if (!dek.ok()) return dek.status();
+  auto wrapped = wrap_checked(**root, *dek, wrap_context(labels::kWrapDek, c.volume_id, next));
+  if (!wrapped.ok()) return wrapped.status();
+  for (DekRecord& r : c.deks) r.state = DekState::kRetired;
+  c.deks.push_back({next, DekState::kActive, std::move(wrapped).value(), now_utc()});
+  auto mac = config_mac(c, *dek);
+  if (!mac.ok()) return mac.status();
+  c.mac = *mac;
+  ENVELOPEFS_RETURN_IF_ERROR(save_config(cipher_dir, c));
+  return c;
 }
 
 Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOptions& current,

@@ -79,10 +79,20 @@ Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOp
                                  const std::string& new_uri, const ProviderOptions& next);
 
 // Asks the root again, as a mount would (the config re-read, a fresh provider, every wrapped key
-// unwrapped, the MAC checked): Ok while the root still opens this volume. If `keys` was wiped,
-// they are rebuilt in place. kAccessDenied / kNotFound / kAuthFailed: the root refuses (revoked,
-// destroyed, or not this volume's); kUnreachable: it could not be asked.
-Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, VolumeKeys& keys);
+// unwrapped, the MAC checked): Ok while the root still opens this volume. When `keys` was wiped,
+// or the config now has another active DEK version (rotate_dek), `fresh` receives keys built
+// from the config as it is now; otherwise it is left empty. kAccessDenied / kNotFound /
+// kAuthFailed: the root refuses (revoked, destroyed, or not this volume's); kUnreachable: it
+// could not be asked.
+Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, const VolumeKeys& keys,
+                    std::unique_ptr<VolumeKeys>* fresh);
+
+// DEK rotation: a new random DEK version, wrapped by the root (and checked to unwrap), becomes
+// the active one; the one before is retired but stays, wrapped by the root, because blocks
+// written under it still need it. The config MAC moves to the new DEK. Blocks are not touched:
+// each keeps the DEK version it was sealed under until it is written again. A mounted volume
+// switches at its next key check (fs/key_watch.h).
+Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOptions& options);
 
 // The associated data of a root wrap (labels.h + volume id + version); public for tests.
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);

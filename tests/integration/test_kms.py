@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -282,6 +284,84 @@ class RewrapTest(TokenTest):
         self.assertEqual(self.conf_bytes(), original)
         os.replace(self.vol.key + ".saved", self.vol.key)
         self.vol.mount()  # still opens with the key it always had
+
+
+def slot_versions(backing_file):
+    """The DEK version of the newer slot of each entry in a backing file's first metadata page
+    (fs/FORMAT.md: 128-byte page header, 128-byte entries of two 64-byte slots, each slot
+    starting with its sequence number and DEK version, little-endian)."""
+    page = read_file(backing_file)[:4096]
+    out = []
+    for entry in range(31):
+        slots = [struct.unpack_from("<II", page, 128 + 128 * entry + 64 * k) for k in (0, 1)]
+        seq, version = max(slots)
+        if seq:
+            out.append(version)
+    return out
+
+
+class DekRotationTest(TokenTest):
+    def test_a_rotation_seals_new_writes_under_the_new_dek_while_the_mount_keeps_serving(self):
+        self.init(self.token.uri())
+        self.vol.mount("--key-check-interval", "1")
+        old = os.urandom(50_000)
+        write_file(self.vol.path("old"), old, fsync=True)
+        before = set(self.vol.backing_files())
+        errors, stop = [], threading.Event()
+
+        rounds = [0]
+
+        def reader():  # requests that reach the daemon must never fail while the keys are swapped
+            while not stop.is_set():
+                try:
+                    with open(self.vol.path("old"), "rb") as f:
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # not from the cache
+                        if f.read() != old:
+                            errors.append("wrong data")
+                    write_file(self.vol.path("scratch"), b"x")
+                    os.unlink(self.vol.path("scratch"))
+                    rounds[0] += 1
+                except OSError as e:
+                    errors.append(e)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            r = run([BIN, "rotate-dek", self.vol.cipher])
+            self.assertIn("DEK v2 of volume", r.stdout)
+            self.assertTrue(wait_for(lambda: "DEK v2 is active (was v1)" in self.vol.log_text()))
+        finally:
+            stop.set()
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertGreater(rounds[0], 10)
+        write_file(self.vol.path("new"), os.urandom(9000), fsync=True)
+        self.vol.unmount()
+
+        conf = self.config()
+        self.assertEqual([(d["version"], d["state"]) for d in conf["deks"]], [(1, "retired"), (2, "active")])
+        (old_file,) = before
+        (new_file,) = set(self.vol.backing_files()) - before
+        self.assertEqual(slot_versions(old_file), [1] * 13)  # 50,000 bytes: 13 blocks, untouched
+        self.assertEqual(slot_versions(new_file), [2, 2, 2])
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("old")), old)
+        self.vol.unmount()
+        self.assertIn("0 problems", run([BIN, "fsck", "-q", self.vol.cipher]).stdout)
+        r = run([BIN, "rewrap", "--to", "file:" + self.vol.key, self.vol.cipher])
+        self.assertIn("re-wrapped 2 DEK version(s)", r.stdout)
+        events = [(r["event"], r["outcome"]) for r in self.audit_records()]
+        self.assertIn(("rotate-dek", "ok"), events)
+        self.assertIn(("dek-switch", "ok"), events)
+
+    def test_a_rotation_the_root_refuses_changes_nothing(self):
+        self.init(self.token.uri())
+        original = read_file(os.path.join(self.vol.cipher, "envelopefs.conf"))
+        self.token.set_pin_file("0000")
+        r = run([BIN, "rotate-dek", self.vol.cipher], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("nothing was changed", r.stderr)
+        self.assertEqual(read_file(os.path.join(self.vol.cipher, "envelopefs.conf")), original)
 
 
 class AuditTest(TokenTest):
