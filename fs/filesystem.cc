@@ -67,11 +67,13 @@ Status stat_with_deferred_times(int fd, const DeferredTimes& t, struct stat* out
 
 }  // namespace
 
+// volume.provider is not kept: the key watcher (fs/key_watch.h) asks a fresh provider each
+// time, as a mount would, so a token or key service is really asked again (a session kept
+// open could answer from a state the service no longer has).
 Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
                        std::unique_ptr<IoBackend> io, FsOptions options)
     : cipher_dir_(std::move(cipher_dir)),
       config_(std::move(volume.config)),
-      provider_(std::move(volume.provider)),
       keys_(std::move(volume.keys)),
       io_(std::move(io)),
       options_(options),

@@ -125,7 +125,6 @@ class Filesystem {
 
   const std::string cipher_dir_;
   VolumeConfig config_;
-  std::unique_ptr<RootKeyProvider> provider_;
   std::unique_ptr<VolumeKeys> keys_;
   KeyGate gate_;
   std::unique_ptr<IoBackend> io_;

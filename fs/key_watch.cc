@@ -1,7 +1,6 @@
 #include "fs/key_watch.h"
 
 #include "fs/log.h"
-#include "keyhierarchy/audit_log.h"
 
 namespace envelopefs {
 
@@ -36,8 +35,8 @@ void KeyWatch::run() {
 
 void KeyWatch::check() {
   const bool revoked = fs_.gate().closed();
-  // Only the watcher closes the gate, so while it is closed no request touches the keys and
-  // recheck_root may rebuild them; while it is open recheck_root only reads the config.
+  // Only the watcher closes or pauses the gate and replaces the keys; recheck_root only reads
+  // them, and builds any new ones apart, to be swapped in behind the gate.
   std::unique_ptr<VolumeKeys> fresh;
   Status st = recheck_root(cipher_dir_, provider_, fs_.keys(), &fresh);
   if (st.ok()) {
@@ -88,7 +87,7 @@ void KeyWatch::revoke(const std::string& why) {
 void KeyWatch::record(const std::string& event, const std::string& outcome, const std::string& detail) {
   AuditRecord r{event, outcome, to_hex(fs_.keys().volume_id()), cipher_dir_, "", detail};
   if (auto c = load_config(cipher_dir_); c.ok()) r.root = c->root_uri;
-  if (!audit(r)) log_error("cannot write the audit log " + audit_log_path());
+  audit_from_daemon(r);
 }
 
 void KeyWatch::drop_kernel_caches() {

@@ -72,4 +72,8 @@ void log_error_rate_limited(const std::string& msg) {
   emit(LOG_ERR, line);
 }
 
+void audit_from_daemon(const AuditRecord& record) {
+  if (!audit(record)) log_error("cannot write the audit log " + audit_log_path());
+}
+
 }  // namespace envelopefs

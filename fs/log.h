@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "keyhierarchy/audit_log.h"
+
 namespace envelopefs {
 
 enum class LogTarget { kStderr, kSyslog, kFile };
@@ -12,5 +14,8 @@ void log_info(const std::string& msg);
 void log_error(const std::string& msg);
 // At most a few lines per second; the number suppressed is reported with the next line.
 void log_error_rate_limited(const std::string& msg);
+// An audit record from the daemon, whose stderr is gone: a record that cannot be written is
+// reported in this log instead.
+void audit_from_daemon(const AuditRecord& record);
 
 }  // namespace envelopefs

@@ -29,19 +29,27 @@
 namespace envelopefs {
 namespace {
 
-int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOptions& current,
-               const ProviderOptions& next) {
-  // One re-wrap at a time per volume: two would each write a config wrapped by their own root.
+// One change of envelopefs.conf at a time (rewrap, rotate-dek): two would each write a config
+// of their own, and the later one would drop what the earlier one did. A flock of the cipher
+// dir, held until the returned descriptor is closed; -1 (said on stderr) if it is taken.
+int lock_config_changes(const std::string& dir, const char* command) {
   int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) {
-    std::fprintf(stderr, "envelopefs rewrap: cannot open %s: %s\n", dir.c_str(), std::strerror(errno));
-    return 1;
+    std::fprintf(stderr, "envelopefs %s: cannot open %s: %s\n", command, dir.c_str(), std::strerror(errno));
+    return -1;
   }
   if (flock(dfd, LOCK_EX | LOCK_NB) != 0) {
-    std::fprintf(stderr, "envelopefs rewrap: another rewrap of %s is running\n", dir.c_str());
+    std::fprintf(stderr, "envelopefs %s: another rewrap or rotation of %s is running\n", command, dir.c_str());
     close(dfd);
-    return 1;
+    return -1;
   }
+  return dfd;
+}
+
+int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOptions& current,
+               const ProviderOptions& next) {
+  int dfd = lock_config_changes(dir, "rewrap");
+  if (dfd < 0) return 1;
   auto before = load_config(dir);
   auto after = before.ok() ? rewrap_root(dir, current, to, next) : Result<VolumeConfig>(before.status());
   close(dfd);
@@ -67,16 +75,8 @@ int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOpti
 }
 
 int cmd_rotate_dek(const std::string& dir, const ProviderOptions& po) {
-  int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) {
-    std::fprintf(stderr, "envelopefs rotate-dek: cannot open %s: %s\n", dir.c_str(), std::strerror(errno));
-    return 1;
-  }
-  if (flock(dfd, LOCK_EX | LOCK_NB) != 0) {  // the same lock as rewrap: one config change at a time
-    std::fprintf(stderr, "envelopefs rotate-dek: another rewrap or rotation of %s is running\n", dir.c_str());
-    close(dfd);
-    return 1;
-  }
+  int dfd = lock_config_changes(dir, "rotate-dek");
+  if (dfd < 0) return 1;
   auto after = rotate_dek(dir, po);
   close(dfd);
   if (!after.ok()) {

@@ -20,7 +20,6 @@
 #include "fs/fuse_ring.h"
 #include "fs/key_watch.h"
 #include "fs/log.h"
-#include "keyhierarchy/audit_log.h"
 
 namespace envelopefs {
 namespace {
@@ -132,7 +131,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
       r.volume = to_hex(c->volume_id);
       r.root = c->root_uri;
     }
-    if (!audit(r)) log_error("cannot write the audit log " + audit_log_path());
+    audit_from_daemon(r);
     return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
   }
   const AuditRecord mounted{"mount", "ok", to_hex(volume->config.volume_id), cipher, volume->config.root_uri,
@@ -142,10 +141,6 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (auto n = read_dir_nonce(root_fd); !n.ok()) {
     return fail(ready, o.foreground, "volume root is damaged: " + n.status().to_string());
   }
-  // Not kept: the key watcher asks a fresh provider each time, as a mount would, so that a
-  // token or key service is really asked again (a session kept open could answer from a
-  // state the service no longer has).
-  volume->provider.reset();
   // A passphrase cannot be revoked, and asking for it again may need a terminal.
   const bool watch_root = o.key_check_interval > 0 && volume->config.root_uri.rfind("pass:", 0) != 0;
   auto io = make_io_backend(o.use_uring);
@@ -180,7 +175,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   raise_readahead(absolute(o.mountpoint), 1024);
   log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
-  if (!audit(mounted)) log_error("cannot write the audit log " + audit_log_path());
+  audit_from_daemon(mounted);
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
   ready.send("OK");
   if (!o.foreground) {
@@ -193,15 +188,15 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
     (void)!chdir("/");
   }
-  // libfuse starts one worker and adds one only when all are busy, so with the ring (where
-  // /dev/fuse carries INIT, FORGET and INTERRUPT only) these stay one or two threads; and if
-  // the kernel declines the ring at INIT, /dev/fuse gets the full count.
   std::optional<KeyWatch> watch;
   if (watch_root) {
     watch.emplace(se, fs, cipher, o.provider,
                   KeyWatchOptions{std::chrono::seconds(o.key_check_interval),
                                   std::chrono::seconds(o.key_unreachable_grace)});
   }
+  // libfuse starts one worker and adds one only when all are busy, so with the ring (where
+  // /dev/fuse carries INIT, FORGET and INTERRUPT only) these stay one or two threads; and if
+  // the kernel declines the ring at INIT, /dev/fuse gets the full count.
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(cfg, static_cast<unsigned>(o.threads));
   fuse_loop_cfg_set_idle_threads(cfg, static_cast<unsigned>(o.threads));
@@ -217,7 +212,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   AuditRecord gone = mounted;
   gone.event = "unmount";
   gone.detail = "from " + absolute(o.mountpoint) + "; keys zeroized";
-  if (!audit(gone)) log_error("cannot write the audit log " + audit_log_path());
+  audit_from_daemon(gone);
   return rc == 0 ? 0 : 1;
 }
 

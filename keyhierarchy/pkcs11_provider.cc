@@ -78,11 +78,9 @@ std::string trimmed(const unsigned char* s, size_t n) {
 
 class Pkcs11Provider final : public RootKeyProvider {
  public:
-  Pkcs11Provider(std::string uri, std::string module, std::string token, std::string label)
-      : uri_(std::move(uri)),
-        module_path_(std::move(module)),
-        token_(std::move(token)),
-        label_(std::move(label)) {}
+  // The token's label is learnt when open() finds it.
+  Pkcs11Provider(std::string uri, std::string module, std::string label)
+      : uri_(std::move(uri)), module_path_(std::move(module)), label_(std::move(label)) {}
 
   ~Pkcs11Provider() override {
     if (module_ == nullptr) return;
@@ -316,7 +314,7 @@ Result<std::unique_ptr<RootKeyProvider>> make_pkcs11_provider(const std::string&
   if (label.empty() && p11_kit_uri_get_attribute(parsed.get(), CKA_ID) == nullptr) {
     return Status(Code::kInvalidArgument, "the pkcs11: URI must name the key: object=LABEL (or id=...)");
   }
-  auto p = std::make_unique<Pkcs11Provider>(uri, module, "", label.empty() ? "(by id)" : label);
+  auto p = std::make_unique<Pkcs11Provider>(uri, module, label.empty() ? "(by id)" : label);
   ENVELOPEFS_RETURN_IF_ERROR(p->open(parsed.get(), options, creating));
   return std::unique_ptr<RootKeyProvider>(std::move(p));
 }

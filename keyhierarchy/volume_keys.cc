@@ -159,36 +159,45 @@ Result<Bytes> wrap_checked(RootKeyProvider& provider, const SecretBytes& key, co
   return wrapped;
 }
 
+// A volume's config with every key it wraps, unwrapped through its root.
+struct Unwrapped {
+  VolumeConfig config;
+  std::unique_ptr<RootKeyProvider> root;
+  std::map<uint32_t, SecretBytes> deks;
+  SecretBytes name_key;
+};
+
+// Loads the config, asks its root (a fresh provider) and unwraps everything, MAC checked.
+Result<Unwrapped> unwrap_volume(const std::string& cipher_dir, const ProviderOptions& options) {
+  auto config = load_config(cipher_dir);
+  if (!config.ok()) return config.status();
+  Unwrapped u{std::move(config).value(), nullptr, {}, {}};
+  auto root = make_root_provider(u.config.root_uri, u.config.root_params, options, false);
+  if (!root.ok()) return root.status();
+  u.root = std::move(root).value();
+  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(u.config, *u.root, &u.deks, &u.name_key));
+  return u;
+}
+
 }  // namespace
 
 Result<OpenedVolume> open_volume(const std::string& cipher_dir, const ProviderOptions& options) {
-  auto config = load_config(cipher_dir);
-  if (!config.ok()) return config.status();
-  VolumeConfig& c = *config;
-  auto provider = make_root_provider(c.root_uri, c.root_params, options, false);
-  if (!provider.ok()) return provider.status();
-  std::map<uint32_t, SecretBytes> deks;
-  SecretBytes name_key;
-  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(c, **provider, &deks, &name_key));
-  auto keys = VolumeKeysBuilder::build(c, deks, name_key);
+  auto u = unwrap_volume(cipher_dir, options);
+  if (!u.ok()) return u.status();
+  auto keys = VolumeKeysBuilder::build(u->config, u->deks, u->name_key);
   if (!keys.ok()) return keys.status();
-  return OpenedVolume{std::move(c), std::move(provider).value(), std::move(keys).value()};
+  return OpenedVolume{std::move(u->config), std::move(u->root), std::move(keys).value()};
 }
 
 Status recheck_root(const std::string& cipher_dir, const ProviderOptions& options, const VolumeKeys& keys,
                     std::unique_ptr<VolumeKeys>* fresh) {
-  auto config = load_config(cipher_dir);
-  if (!config.ok()) return config.status();
-  if (config->volume_id != keys.volume_id()) {
+  auto u = unwrap_volume(cipher_dir, options);
+  if (!u.ok()) return u.status();
+  if (u->config.volume_id != keys.volume_id()) {
     return Status(Code::kAuthFailed, std::string(kConfigFileName) + " now belongs to another volume");
   }
-  auto provider = make_root_provider(config->root_uri, config->root_params, options, false);
-  if (!provider.ok()) return provider.status();
-  std::map<uint32_t, SecretBytes> deks;
-  SecretBytes name_key;
-  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(*config, **provider, &deks, &name_key));
-  if (!keys.present() || config->active_dek()->version != keys.active_version()) {
-    auto built = VolumeKeysBuilder::build(*config, deks, name_key);
+  if (!keys.present() || u->config.active_dek()->version != keys.active_version()) {
+    auto built = VolumeKeysBuilder::build(u->config, u->deks, u->name_key);
     if (!built.ok()) return built.status();
     *fresh = std::move(built).value();
   }
@@ -196,20 +205,15 @@ Status recheck_root(const std::string& cipher_dir, const ProviderOptions& option
 }
 
 Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOptions& options) {
-  auto config = load_config(cipher_dir);
-  if (!config.ok()) return config.status();
-  VolumeConfig c = *config;
-  auto root = make_root_provider(c.root_uri, c.root_params, options, false);
-  if (!root.ok()) return root.status();
-  std::map<uint32_t, SecretBytes> deks;
-  SecretBytes name_key;
-  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(c, **root, &deks, &name_key));
+  auto u = unwrap_volume(cipher_dir, options);
+  if (!u.ok()) return u.status();
+  VolumeConfig& c = u->config;
   uint32_t next = 0;
   for (const DekRecord& r : c.deks) next = std::max(next, r.version);
   next += 1;
   auto dek = SecretBytes::random(32);
   if (!dek.ok()) return dek.status();
-  auto wrapped = wrap_checked(**root, *dek, wrap_context(labels::kWrapDek, c.volume_id, next));
+  auto wrapped = wrap_checked(*u->root, *dek, wrap_context(labels::kWrapDek, c.volume_id, next));
   if (!wrapped.ok()) return wrapped.status();
   for (DekRecord& r : c.deks) r.state = DekState::kRetired;
   c.deks.push_back({next, DekState::kActive, std::move(wrapped).value(), now_utc()});
@@ -222,24 +226,19 @@ Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOpt
 
 Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOptions& current,
                                  const std::string& new_uri, const ProviderOptions& next) {
-  auto config = load_config(cipher_dir);
-  if (!config.ok()) return config.status();
-  const VolumeConfig& c = *config;
-  auto old_root = make_root_provider(c.root_uri, c.root_params, current, false);
-  if (!old_root.ok()) {
-    Status st = old_root.status();
+  auto u = unwrap_volume(cipher_dir, current);
+  if (!u.ok()) {
+    Status st = u.status();
     return st.prefix("the current root");
   }
-  std::map<uint32_t, SecretBytes> deks;
-  SecretBytes name_key;
-  ENVELOPEFS_RETURN_IF_ERROR(unwrap_all(c, **old_root, &deks, &name_key));
+  const std::map<uint32_t, SecretBytes>& deks = u->deks;
   auto new_root = make_root_provider(new_uri, nlohmann::json::object(), next, true);
   if (!new_root.ok()) {
     Status st = new_root.status();
     return st.prefix("the new root");
   }
 
-  VolumeConfig n = c;
+  VolumeConfig n = u->config;
   n.root_uri = (*new_root)->uri();
   n.root_params = (*new_root)->params();
   for (DekRecord& r : n.deks) {
@@ -247,7 +246,7 @@ Result<VolumeConfig> rewrap_root(const std::string& cipher_dir, const ProviderOp
     if (!w.ok()) return w.status();
     r.wrapped = std::move(w).value();
   }
-  auto w = wrap_checked(**new_root, name_key, wrap_context(labels::kWrapNameKey, n.volume_id, 0));
+  auto w = wrap_checked(**new_root, u->name_key, wrap_context(labels::kWrapNameKey, n.volume_id, 0));
   if (!w.ok()) return w.status();
   n.wrapped_name_key = std::move(w).value();
   auto mac = config_mac(n, deks.at(n.active_dek()->version));

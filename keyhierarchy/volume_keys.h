@@ -34,7 +34,7 @@ class VolumeKeys {
   }
   const NameCipher& names() const { return *names_; }
 
-  // False once wiped: the root was revoked and every key is gone (recheck_root restores them).
+  // False once wiped: the root was revoked and every key is gone (recheck_root builds new ones).
   bool present() const { return names_ != nullptr; }
   // Destroys every key now (their destructors cleanse them). Callers make sure nothing is
   // using them (fs/key_gate.h).
