@@ -49,7 +49,7 @@ Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Sl
   uint8_t* key = scratch_key();
   Status st = dek->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
   if (st.ok()) {
-    BlockAad aad = block_aad(keys.volume_id(), file, index, slot.dek_version);
+    BlockAad aad = block_aad(keys.volume_id(), file, index, keys.block_aad_version(slot.dek_version));
     st = gcm_open({key, kGcmKeySize}, kZeroIv, aad, ciphertext, slot.tag, plaintext);
   }
   OPENSSL_cleanse(key, kGcmKeySize);
@@ -83,7 +83,7 @@ Status seal_blocks(VolumeKeys& keys, const FileId& file, uint64_t first, size_t 
       Slot& slot = slots[b];
       slot.dek_version = dek.version;
       std::memcpy(slot.wrapped_key.data(), wrapped + k * kWrappedKeySize, kWrappedKeySize);
-      BlockAad aad = block_aad(keys.volume_id(), file, first + b, dek.version);
+      BlockAad aad = block_aad(keys.volume_id(), file, first + b, keys.block_aad_version(dek.version));
       st = gcm_seal({batch + k * kGcmKeySize, kGcmKeySize}, kZeroIv, aad,
                     {plain + b * block_size, len}, cipher + b * block_size, slot.tag);
     }
@@ -118,7 +118,7 @@ void open_blocks(VolumeKeys& keys, const FileId& file, std::span<BlockToOpen> bl
       } else if (!ok[k]) {
         b.result = Status(Code::kAuthFailed, "key unwrap: integrity check failed");
       } else {
-        BlockAad aad = block_aad(keys.volume_id(), file, b.index, version);
+        BlockAad aad = block_aad(keys.volume_id(), file, b.index, keys.block_aad_version(version));
         b.result = gcm_open({batch + k * kGcmKeySize, kGcmKeySize}, kZeroIv, aad, {b.data, b.len},
                             b.slot->tag, b.data);
       }
@@ -126,6 +126,50 @@ void open_blocks(VolumeKeys& keys, const FileId& file, std::span<BlockToOpen> bl
     OPENSSL_cleanse(batch, n * kGcmKeySize);
     done += n;
   }
+}
+
+Result<size_t> rewrap_slots(VolumeKeys& keys, MetaPage& page) {
+  if (!keys.rewrappable_blocks()) {
+    return Status(Code::kUnsupported, "the blocks of this volume name their DEK version (made before "
+                                      "the rewrappable-blocks feature)");
+  }
+  Dek& active = keys.active();
+  uint8_t* key = scratch_key();
+  size_t changed = 0;
+  Status st;
+  for (uint64_t e = 0; e < kBlocksPerGroup && st.ok(); ++e) {
+    for (int which = 0; which < 2 && st.ok(); ++which) {
+      Slot slot = page.slot(e, which);
+      if (slot.empty() || slot.dek_version == active.version) continue;
+      Dek* old = keys.dek(slot.dek_version);
+      if (old == nullptr) {
+        st = Status(Code::kAuthFailed, "block key under unknown DEK version " + std::to_string(slot.dek_version));
+        break;
+      }
+      st = old->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
+      if (st.ok()) st = active.wrapper.wrap({key, kGcmKeySize}, slot.wrapped_key);
+      if (st.ok()) {
+        slot.dek_version = active.version;
+        page.set_slot(e, which, slot);
+        ++changed;
+      }
+    }
+  }
+  OPENSSL_cleanse(key, kGcmKeySize);
+  if (!st.ok()) return st;
+  return changed;
+}
+
+bool needs_rewrap(const VolumeKeys& keys, const MetaPage& page) {
+  const uint32_t active = keys.active_version();
+  if (page.mac_version() != active) return true;
+  for (uint64_t e = 0; e < kBlocksPerGroup; ++e) {
+    for (int which = 0; which < 2; ++which) {
+      Slot slot = page.slot(e, which);
+      if (!slot.empty() && slot.dek_version != active) return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace envelopefs

@@ -1,8 +1,11 @@
 // Seal and open one data block under a fresh per-block key (fs/FORMAT.md, "Data blocks"):
 // key = 32 random bytes, wrapped under the DEK (RFC 3394) into the slot; AES-256-GCM with a
-// zero IV (every key seals exactly one message) and AAD binding volume, file, block index and
-// DEK version, so a block moved to another offset or file, or relabelled with another DEK
-// version, does not authenticate.
+// zero IV (every key seals exactly one message) and AAD binding volume, file and block index,
+// so a block moved to another offset or file does not authenticate. Volumes made before the
+// "rewrappable-blocks" feature also bind the DEK version that wraps the key; newer ones put 0
+// there, which is what lets rewrap_slots() move a block key to another DEK without touching
+// the block (the version is still authenticated, by the page MAC, and a key relabelled with
+// the wrong DEK fails its RFC 3394 integrity check anyway).
 #pragma once
 
 #include "fs/metadata_page.h"
@@ -38,5 +41,14 @@ struct BlockToOpen {
 };
 // Opens every block in place; each result says whether it authenticated.
 void open_blocks(VolumeKeys& keys, const FileId& file, std::span<BlockToOpen> blocks);
+
+// Re-wraps, under the active DEK, the block key of every slot of `page` that another DEK
+// version wraps (both slots of an entry: after a crash the older one may be the one that
+// matches the data). Seq and tag stay; the blocks are not touched. Only for volumes with
+// rewrappable blocks (kUnsupported otherwise). Returns how many slots changed; the caller
+// seals the page again (which moves its MAC to the active DEK too).
+Result<size_t> rewrap_slots(VolumeKeys& keys, MetaPage& page);
+// True when some slot of `page`, or its MAC, is under a DEK version other than the active one.
+bool needs_rewrap(const VolumeKeys& keys, const MetaPage& page);
 
 }  // namespace envelopefs

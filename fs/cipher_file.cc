@@ -395,6 +395,73 @@ Status CipherFile::flush(WriteBatch& batch) {
   return Status::Ok();
 }
 
+Result<uint64_t> CipherFile::rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* written) {
+  std::unique_lock lock(rw_);
+  const uint64_t end = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
+  const uint64_t stop = std::min(end, from + max_pages);
+  WriteBatch batch;
+  std::vector<uint64_t> loaded;  // pages not cached before this call
+  Status st;
+  {
+    std::lock_guard cache(cache_mu_);
+    for (uint64_t p = from; p < stop && st.ok(); ++p) {
+      if (!pages_.contains(p)) loaded.push_back(p);
+      auto pg = page(p, false);
+      if (!pg.ok()) {
+        st = pg.status();
+        break;
+      }
+      if (!needs_rewrap(keys_, **pg)) continue;
+      auto changed = rewrap_slots(keys_, **pg);
+      if (!changed.ok()) {
+        st = fail(p * kBlocksPerGroup, changed.status());
+        // This page may be half re-wrapped in memory: it goes with the batch's below.
+        Page* holder = pages_[p].get();
+        holder->dirty = true;
+        batch.dirty[p] = holder;
+        break;
+      }
+      Page* holder = pages_[p].get();
+      holder->dirty = true;
+      batch.dirty[p] = holder;
+    }
+  }
+  const size_t rewrapped = batch.dirty.size();
+  if (st.ok()) st = flush(batch);
+  if (!st.ok()) {
+    abandon(batch);
+    return st;
+  }
+  *written += rewrapped;
+  std::lock_guard cache(cache_mu_);
+  for (uint64_t p : loaded) {
+    if (p == 0) continue;  // the header stays, as it does for every open file
+    auto it = pages_.find(p);
+    if (it != pages_.end() && !it->second->dirty) {
+      pages_.erase(it);
+      g_cached_pages--;
+    }
+  }
+  return stop >= end ? kRewrapDone : stop;
+}
+
+Status CipherFile::count_key_versions(std::map<uint32_t, uint64_t>* by_version) {
+  std::shared_lock lock(rw_);
+  const uint64_t end = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
+  std::lock_guard cache(cache_mu_);
+  for (uint64_t p = 0; p < end; ++p) {
+    auto pg = page(p, false);
+    if (!pg.ok()) return pg.status();
+    for (uint64_t e = 0; e < kBlocksPerGroup; ++e) {
+      for (int which = 0; which < 2; ++which) {
+        Slot slot = (*pg)->slot(e, which);
+        if (!slot.empty()) (*by_version)[slot.dek_version]++;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 void CipherFile::abandon(WriteBatch& batch) {
   // The cached pages may differ from the disk now; forget them, they are re-read.
   std::lock_guard lock(cache_mu_);

@@ -6,6 +6,7 @@
 // before `cache_mu_`, which only guards the page cache.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -62,6 +63,17 @@ class CipherFile {
   // Makes [offset, offset+len) read as zeros without changing the size.
   Status punch_hole(uint64_t offset, uint64_t len);
   Status sync(bool data_only);
+
+  // DEK rotation (fs/block_rewrap.h): re-wraps under the active DEK the block keys of metadata
+  // pages [from, from+max_pages) that an older DEK version wraps, and seals those pages again
+  // (their MAC moves to the active DEK). Writes metadata pages only: data blocks are neither
+  // read nor written. Holds the file exclusively while it works. Returns the page to continue
+  // from, or kRewrapDone when the file has no page left; `written` counts pages rewritten.
+  // Pages read only for this are not kept in the cache.
+  Result<uint64_t> rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* written);
+  static constexpr uint64_t kRewrapDone = ~uint64_t{0};
+  // Adds, per DEK version, how many block keys (non-empty slots) of this file it wraps.
+  Status count_key_versions(std::map<uint32_t, uint64_t>* by_version);
 
   // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
   // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.

@@ -415,6 +415,8 @@ Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* 
   if (linkat(AT_FDCWD, proc_path((*src)->fd).c_str(), pfd, bn->entry.c_str(), AT_SYMLINK_FOLLOW) != 0) {
     return errno_status("link");
   }
+  struct stat st;
+  if (fstat((*src)->fd, &st) == 0) note_move(st);
   return make_entry(parent, pfd, bn->entry, out, true);
 }
 
@@ -495,7 +497,11 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   }
   if (!replaced_record.empty()) drop_symlink_record(root_fd_, replaced_record);
   struct stat st;
+  if ((flags & RENAME_EXCHANGE) && fstatat(from->dir->fd, b1.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    note_move(st);
+  }
   if (fstatat(to->dir->fd, b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    note_move(st);
     if (auto moved = inodes_.find(st.st_dev, st.st_ino)) {
       std::lock_guard lock(moved->mu);
       moved->parent = newparent;
@@ -809,6 +815,110 @@ Status Filesystem::removexattr(uint64_t ino, const char* name) {
   if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
   if (::removexattr(proc_path((*i)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");
   return Status::Ok();
+}
+
+}  // namespace envelopefs
+
+namespace envelopefs {
+
+void Filesystem::track_moves(bool on) {
+  std::lock_guard lock(moves_mu_);
+  tracking_moves_ = on;
+  moves_.clear();
+  moves_overflowed_ = false;
+}
+
+void Filesystem::note_move(const struct stat& st) {
+  std::lock_guard lock(moves_mu_);
+  if (!tracking_moves_) return;
+  if (moves_.size() >= kMaxTrackedMoves) {
+    moves_overflowed_ = true;
+    return;
+  }
+  moves_.insert({st.st_dev, st.st_ino});
+}
+
+std::vector<std::pair<dev_t, ino_t>> Filesystem::take_moves(bool* overflowed) {
+  std::lock_guard lock(moves_mu_);
+  std::vector<std::pair<dev_t, ino_t>> out(moves_.begin(), moves_.end());
+  moves_.clear();
+  *overflowed = moves_overflowed_;
+  moves_overflowed_ = false;
+  return out;
+}
+
+int Filesystem::reopen_known(dev_t dev, ino_t ino) {
+  std::shared_ptr<Inode> i = inodes_.find(dev, ino);
+  if (!i) return -1;
+  if (i->type != S_IFDIR && i->type != S_IFREG) return kNoBlockKeys;
+  // Not O_NOFOLLOW: that would open /proc's magic link itself instead of the node it names.
+  return ::open(proc_path(i->fd).c_str(), O_PATH | O_CLOEXEC);
+}
+
+Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& stop,
+                                     uint64_t* pages) {
+  int fd = entry.empty() ? fcntl(dir_fd, F_DUPFD_CLOEXEC, 0)
+                         : openat(dir_fd, entry.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return errno == ENOENT ? Status::Ok() : errno_status("open backing file");
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+    close(fd);  // gone, not a file, or a file never written: no block keys
+    return Status::Ok();
+  }
+  // Counted as a lookup of our own, so the inode (and with it the one OpenFile every FUSE
+  // handle of this file shares) stays the only one for this backing file while we use it.
+  std::shared_ptr<Inode> inode = inodes_.adopt(fd, st, 0);
+  struct Held {
+    InodeTable& table;
+    uint64_t id;
+    ~Held() { table.forget(id, 1); }
+  } held{inodes_, inode->id};
+
+  std::shared_ptr<OpenFile> of;
+  Status result;
+  for (uint64_t next = 0;;) {
+    if (stop()) break;
+    KeyGateScope gate(gate_);
+    if (!gate.ok()) {
+      result = Status(Code::kKeyUnavailable, "keys revoked");
+      break;
+    }
+    if (!of) {
+      auto opened = open_file(*inode);
+      if (!opened.ok()) {
+        result = opened.status();
+        break;
+      }
+      of = *opened;
+    }
+    // times_mu: a SETATTR of this file's times waits for the batch, so the mtime put back
+    // below is never one the caller set meanwhile.
+    std::lock_guard times(of->times_mu);
+    struct stat before;
+    if (fstat(of->fd, &before) != 0) {
+      result = errno_status("stat backing file");
+      break;
+    }
+    constexpr uint64_t kPagesPerBatch = 64;
+    uint64_t written = 0;
+    auto r = of->file->rewrap_keys(next, kPagesPerBatch, &written);
+    if (written > 0) {
+      const timespec keep[2] = {{0, UTIME_OMIT}, before.st_mtim};
+      if (futimens(of->fd, keep) != 0) log_error_rate_limited("re-wrap: could not keep a file's mtime");
+      *pages += written;
+    }
+    if (!r.ok()) {
+      result = r.status();
+      break;
+    }
+    if (*r == CipherFile::kRewrapDone) break;
+    next = *r;
+  }
+  if (of) {
+    of.reset();
+    release(inode->id);
+  }
+  return result;
 }
 
 }  // namespace envelopefs

@@ -5,7 +5,10 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -89,6 +92,26 @@ class Filesystem {
   Result<std::vector<std::string>> listxattr(uint64_t ino);
   Status removexattr(uint64_t ino, const char* name);
 
+  // The block half of DEK rotation, for one backing file (fs/block_rewrap.h): re-wraps every
+  // block key of regular file `entry` of backing directory `dir_fd` under the active DEK,
+  // through the file's shared OpenFile, a batch of metadata pages at a time, each batch inside
+  // the key gate. Keeps the file's mtime. Adds the pages rewritten to `pages`. Ok also when the
+  // entry is gone or is not a regular file; kKeyUnavailable when the keys are revoked;
+  // `stop` is asked between batches (Ok when it says stop: the rest is for another walk).
+  // `entry` empty: `dir_fd` is the file itself (an O_PATH descriptor from reopen_known).
+  Status rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& stop,
+                           uint64_t* pages);
+  // While `on`, the backing nodes renamed or linked through the mount are noted: a walk of the
+  // backing tree may have passed a node by, moved from a directory it had not reached yet
+  // into one it had left. take_moves() hands them over (and whether there were too many to
+  // note, kMaxTrackedMoves); reopen_known() gives an O_PATH descriptor of one the kernel still
+  // knows: -1 if it forgot it, kNoBlockKeys if it is neither a directory nor a regular file.
+  void track_moves(bool on);
+  std::vector<std::pair<dev_t, ino_t>> take_moves(bool* overflowed);
+  int reopen_known(dev_t dev, ino_t ino);
+  static constexpr int kNoBlockKeys = -2;
+  static constexpr size_t kMaxTrackedMoves = 1 << 16;
+
  private:
   Result<std::shared_ptr<Inode>> inode(uint64_t ino);
   // A directory and the backing name that `name` has in it.
@@ -134,6 +157,11 @@ class Filesystem {
   const bool as_root_;
   const NonceStore nonce_store_;  // how this volume's directories keep their nonce
   const int root_fd_;  // the cipher root (O_PATH, owned by the inode table)
+  void note_move(const struct stat& st);
+  std::mutex moves_mu_;  // guards the three below
+  bool tracking_moves_ = false;
+  bool moves_overflowed_ = false;
+  std::set<std::pair<dev_t, ino_t>> moves_;
 };
 
 }  // namespace envelopefs

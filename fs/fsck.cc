@@ -91,6 +91,9 @@ class Checker {
       close(fd);
       return problem(path, "header: " + f.status().to_string());
     }
+    if (Status counted = (*f)->count_key_versions(&report_.keys_by_dek); !counted.ok()) {
+      problem(path, "metadata: " + counted.to_string());
+    }
     const uint32_t bs = keys_.block_size();
     std::vector<uint8_t> buf(bs);
     const uint64_t size = (*f)->size();
@@ -156,6 +159,14 @@ int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, boo
               static_cast<unsigned long>(r.dirs), static_cast<unsigned long>(r.files),
               static_cast<unsigned long>(r.symlinks), static_cast<unsigned long>(r.blocks),
               static_cast<unsigned long>(r.problems));
+  // Which DEK versions the blocks still need: after `rotate-dek` and a completed re-wrap, only
+  // the active one (fs/block_rewrap.h).
+  std::string keys;
+  for (const auto& [version, n] : r.keys_by_dek) {
+    keys += (keys.empty() ? "" : ", ") + std::to_string(n) + " under DEK v" + std::to_string(version);
+  }
+  std::printf("fsck: block keys: %s (active: v%u)\n", keys.empty() ? "none" : keys.c_str(),
+              volume->keys->active_version());
   return r.problems == 0 ? 0 : 1;
 }
 

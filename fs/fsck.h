@@ -2,6 +2,8 @@
 // file, listing each failure with its path and block. Read-only.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <string>
 
 #include "keyhierarchy/root_provider.h"
@@ -10,6 +12,9 @@ namespace envelopefs {
 
 struct FsckReport {
   uint64_t dirs = 0, files = 0, symlinks = 0, blocks = 0, problems = 0;
+  // Block keys (slots) per DEK version that wraps them: what a rotation still needs
+  // (fs/block_rewrap.h).
+  std::map<uint32_t, uint64_t> keys_by_dek;
 };
 
 // Returns the process exit code: 0 clean, 1 problems found, 2 could not check.

@@ -68,8 +68,10 @@ std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t
     close(fd);
     auto inode = by_id_.at(it->second);
     inode->nlookup++;
-    std::lock_guard ilock(inode->mu);
-    inode->parent = parent;
+    if (parent != 0) {
+      std::lock_guard ilock(inode->mu);
+      inode->parent = parent;
+    }
     return inode;
   }
   auto inode = std::make_shared<Inode>();

@@ -80,7 +80,10 @@ class InodeTable {
   // nullptr if the kernel names an inode we do not have (ESTALE).
   std::shared_ptr<Inode> get(uint64_t id);
   // Finds the inode for backing (dev, ino) or adopts `fd` as a new one; bumps its lookup
-  // count. Takes ownership of `fd` (closed if an inode already existed).
+  // count. Takes ownership of `fd` (closed if an inode already existed). `parent` 0: the
+  // daemon's own use (fs/block_rewrap.h), which counts as a lookup, given back with
+  // forget(id, 1), so the kernel's forgets cannot drop the inode (and a later LOOKUP make a
+  // second one) while the daemon works on it; the inode's parent is left as it was.
   std::shared_ptr<Inode> adopt(int fd, const struct stat& st, uint64_t parent);
   void forget(uint64_t id, uint64_t n);
   // The inode for backing (dev, ino) if the kernel knows it; does not change lookup counts.

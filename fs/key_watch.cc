@@ -5,12 +5,13 @@
 namespace envelopefs {
 
 KeyWatch::KeyWatch(fuse_session* se, Filesystem& fs, std::string cipher_dir, ProviderOptions provider,
-                   KeyWatchOptions options)
+                   KeyWatchOptions options, std::function<void()> keys_changed)
     : se_(se),
       fs_(fs),
       cipher_dir_(std::move(cipher_dir)),
       provider_(std::move(provider)),
       options_(options),
+      keys_changed_(std::move(keys_changed)),
       last_good_(std::chrono::steady_clock::now()) {
   if (options_.interval.count() > 0) thread_ = std::thread([this] { run(); });
 }
@@ -46,6 +47,7 @@ void KeyWatch::check() {
       fs_.gate().open();
       log_info("root key available again: keys restored, the volume is back in service");
       record("restored", "ok", "keys unwrapped again; requests are served");
+      keys_changed_();
     } else if (fresh) {
       // A new active DEK version (envelopefs rotate-dek): requests wait a moment, not fail.
       const uint32_t before = fs_.keys().active_version();
@@ -56,6 +58,7 @@ void KeyWatch::check() {
                                std::to_string(before) + "); new writes are sealed under it";
       log_info(what);
       record("dek-switch", "ok", what);
+      keys_changed_();
     }
     return;
   }

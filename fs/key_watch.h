@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -33,8 +34,10 @@ struct KeyWatchOptions {
 
 class KeyWatch {
  public:
+  // `keys_changed` runs on the watcher's thread after a switch to a new DEK version and after
+  // revoked keys are restored (it starts the block re-wrap, fs/block_rewrap.h).
   KeyWatch(fuse_session* se, Filesystem& fs, std::string cipher_dir, ProviderOptions provider,
-           KeyWatchOptions options);
+           KeyWatchOptions options, std::function<void()> keys_changed);
   ~KeyWatch();  // stops the thread
   KeyWatch(const KeyWatch&) = delete;
   KeyWatch& operator=(const KeyWatch&) = delete;
@@ -51,6 +54,7 @@ class KeyWatch {
   const std::string cipher_dir_;
   const ProviderOptions provider_;
   const KeyWatchOptions options_;
+  const std::function<void()> keys_changed_;
   std::chrono::steady_clock::time_point last_good_;
   std::mutex mu_;
   std::condition_variable wake_;

@@ -16,6 +16,7 @@
 #include <set>
 #include <sstream>
 
+#include "fs/block_rewrap.h"
 #include "fs/fsck.h"
 #include "fs/mount.h"
 #include "fs/names.h"
@@ -88,10 +89,18 @@ int cmd_rotate_dek(const std::string& dir, const ProviderOptions& po) {
   }
   const uint32_t v = after->active_dek()->version;
   audit({"rotate-dek", "ok", to_hex(after->volume_id), dir, after->root_uri, "DEK v" + std::to_string(v) + " active"});
-  std::printf("DEK v%u of volume %s is active; the older versions are retired and kept (blocks written\n"
-              "under them still need them). New writes are sealed under v%u: at once for a new mount,\n"
-              "within --key-check-interval for a running one. No data was re-encrypted.\n",
+  std::printf("DEK v%u of volume %s is active; the older versions are retired and kept. New writes\n"
+              "are sealed under v%u: at once for a new mount, within --key-check-interval for a running one.\n",
               v, to_hex(after->volume_id).c_str(), v);
+  if (after->has_feature(kFeatureRewrappableBlocks)) {
+    std::printf("The mount then re-wraps every block key under v%u in the background (metadata pages only;\n"
+                "no data is re-encrypted); an unmounted volume does it at its next mount. The daemon log\n"
+                "and the audit log say when it is done; `envelopefs fsck` counts block keys per version.\n",
+                v);
+  } else {
+    std::printf("This volume predates re-wrappable block keys: each block keeps the DEK version it was\n"
+                "sealed under until it is written again. No data was re-encrypted.\n");
+  }
   return 0;
 }
 
@@ -179,6 +188,19 @@ int cmd_status(std::string path, bool json) {
                       {"key_provider", c.root_uri},
                       {"mounted_at", mounted_at},
                       {"deks", nlohmann::json::array()}};
+  // Where the block keys are (fs/block_rewrap.h): all under the active DEK once a walk is done.
+  const uint32_t active = c.active_dek()->version;
+  std::string block_keys;
+  if (c.deks.size() < 2) {
+    block_keys = "all under DEK v" + std::to_string(active) + " (never rotated)";
+  } else if (!c.has_feature(kFeatureRewrappableBlocks)) {
+    block_keys = "each under the DEK version it was written with (volume predates re-wrapping)";
+  } else if (rewrapped_version(cipher) == active) {
+    block_keys = "all under DEK v" + std::to_string(active) + " (re-wrapped after the last rotation)";
+  } else {
+    block_keys = "re-wrap under DEK v" + std::to_string(active) + " pending: a mount does it in the background";
+  }
+  j["block_keys"] = block_keys;
   for (const auto& d : c.deks) {
     j["deks"].push_back({{"version", d.version},
                          {"state", d.state == DekState::kActive ? "active" : "retired"},
@@ -198,6 +220,7 @@ int cmd_status(std::string path, bool json) {
     std::printf("  DEK v%u:       %s (created %s)\n", d.version,
                 d.state == DekState::kActive ? "active" : "retired", d.created.c_str());
   }
+  std::printf("  block keys:   %s\n", block_keys.c_str());
   if (mounted_at.empty()) std::printf("  mounted:      no\n");
   for (const auto& m : mounted_at) std::printf("  mounted at:   %s\n", m.c_str());
   return 0;

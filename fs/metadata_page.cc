@@ -51,6 +51,8 @@ FileId MetaPage::file_id() const {
 uint64_t MetaPage::page_index() const { return le::get64(bytes_.data() + kOffPageIndex); }
 uint32_t MetaPage::block_size() const { return le::get32(bytes_.data() + kOffBlockSize); }
 
+uint32_t MetaPage::mac_version() const { return le::get32(bytes_.data() + kOffMacVersion); }
+
 Slot MetaPage::slot(uint64_t entry, int which) const {
   const uint8_t* p = bytes_.data() + slot_offset(entry, which);
   Slot s;

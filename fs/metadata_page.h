@@ -52,6 +52,8 @@ class MetaPage {
   FileId file_id() const;
   uint64_t page_index() const;
   uint32_t block_size() const;
+  // The DEK version whose page MAC key sealed the page.
+  uint32_t mac_version() const;
 
   Slot slot(uint64_t entry, int which) const;
   void set_slot(uint64_t entry, int which, const Slot& s);

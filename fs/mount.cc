@@ -18,6 +18,7 @@
 #include "fs/fuse_channel.h"
 #include "fs/fuse_ops.h"
 #include "fs/fuse_ring.h"
+#include "fs/block_rewrap.h"
 #include "fs/key_watch.h"
 #include "fs/log.h"
 
@@ -188,11 +189,15 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
     (void)!chdir("/");
   }
+  // Block keys left under an older DEK version by a rotation are moved to the active one in
+  // the background, now if a walk is owed, and after each switch the watcher makes.
+  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher);
   std::optional<KeyWatch> watch;
   if (watch_root) {
     watch.emplace(se, fs, cipher, o.provider,
                   KeyWatchOptions{std::chrono::seconds(o.key_check_interval),
-                                  std::chrono::seconds(o.key_unreachable_grace)});
+                                  std::chrono::seconds(o.key_unreachable_grace)},
+                  [&rewrap] { rewrap->kick(); });
   }
   // libfuse starts one worker and adds one only when all are busy, so with the ring (where
   // /dev/fuse carries INIT, FORGET and INTERRUPT only) these stay one or two threads; and if
@@ -203,6 +208,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   int rc = fuse_session_loop_mt(se, cfg);
   fuse_loop_cfg_destroy(cfg);
   watch.reset();
+  rewrap.reset();  // a walk in progress stops here; the next mount goes on
   session.unmount();
   if (ring && ring->used()) {
     ring->stop();

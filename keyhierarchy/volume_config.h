@@ -23,8 +23,13 @@ inline constexpr uint32_t kFormatVersion = 1;
 // message instead of misreading a newer volume.
 //   nonce-names: a directory's nonce is the name of an empty file in it (fs/FORMAT.md, "Names");
 //                every volume init makes has it since 2026-11-23.
+//   rewrappable-blocks: a data block's GCM associated data does not name the DEK version that
+//                wraps its key (that field is 0), so a block key can be re-wrapped under a new
+//                DEK by rewriting metadata pages alone (fs/FORMAT.md, "Data blocks"; fs/block_rewrap.h);
+//                every volume init makes has it since 2026-11-29.
 inline constexpr char kFeatureNonceNames[] = "nonce-names";
-inline constexpr const char* kKnownFeatures[] = {kFeatureNonceNames};
+inline constexpr char kFeatureRewrappableBlocks[] = "rewrappable-blocks";
+inline constexpr const char* kKnownFeatures[] = {kFeatureNonceNames, kFeatureRewrappableBlocks};
 
 using VolumeId = std::array<uint8_t, 16>;
 

@@ -18,6 +18,7 @@ class VolumeKeysBuilder {
     keys->volume_id_ = c.volume_id;
     keys->block_size_ = c.block_size;
     keys->active_ = c.active_dek()->version;
+    keys->rewrappable_blocks_ = c.has_feature(kFeatureRewrappableBlocks);
     for (auto& [version, dek] : deks) {
       auto mac_key = hkdf_sha256(dek.view(), c.volume_id, as_bytes(labels::kPageMacKey), 32);
       if (!mac_key.ok()) return mac_key.status();
@@ -89,7 +90,7 @@ Result<OpenedVolume> create_volume(const std::string& cipher_dir, const CreateOp
   c.block_size = options.block_size;
   c.root_uri = (*provider)->uri();
   c.root_params = (*provider)->params();
-  c.features = {kFeatureNonceNames};
+  c.features = {kFeatureNonceNames, kFeatureRewrappableBlocks};
   auto dek = SecretBytes::random(32);
   auto name_key = SecretBytes::random(kSivKeySize);
   if (!dek.ok()) return dek.status();

@@ -28,11 +28,18 @@ class VolumeKeys {
   uint32_t block_size() const { return block_size_; }
   uint32_t active_version() const { return active_; }
   Dek& active() { return *deks_.at(active_); }
+  size_t dek_versions() const { return deks_.size(); }
   Dek* dek(uint32_t version) {
     auto it = deks_.find(version);
     return it == deks_.end() ? nullptr : it->second.get();
   }
   const NameCipher& names() const { return *names_; }
+  // The volume has the "rewrappable-blocks" feature: block keys can move to another DEK
+  // version without re-encrypting (fs/block_rewrap.h).
+  bool rewrappable_blocks() const { return rewrappable_blocks_; }
+  // The DEK version a block's associated data names for a block whose key `version` wraps: 0
+  // in volumes with rewrappable blocks, `version` in older ones (fs/FORMAT.md, "Data blocks").
+  uint32_t block_aad_version(uint32_t version) const { return rewrappable_blocks_ ? 0 : version; }
 
   // False once wiped: the root was revoked and every key is gone (recheck_root builds new ones).
   bool present() const { return names_ != nullptr; }
@@ -48,6 +55,7 @@ class VolumeKeys {
   VolumeId volume_id_{};
   uint32_t block_size_ = 0;
   uint32_t active_ = 0;
+  bool rewrappable_blocks_ = false;
   std::map<uint32_t, std::unique_ptr<Dek>> deks_;
   std::unique_ptr<NameCipher> names_;
 };

@@ -10,9 +10,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <map>
 #include <random>
 #include <thread>
 
+#include "fs/block_codec.h"
 #include "fs/cipher_file.h"
 #include "fs/io_backend.h"
 #include "fs/names.h"
@@ -75,6 +78,17 @@ void poke(const std::string& path, uint64_t off, uint8_t xor_mask) {
   c ^= xor_mask;
   ASSERT_EQ(pwrite(fd, &c, 1, static_cast<off_t>(off)), 1);
   close(fd);
+}
+
+Bytes slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return Bytes(std::istreambuf_iterator<char>(in), {});
+}
+
+ProviderOptions no_prompt() {
+  ProviderOptions o;
+  o.allow_prompt = false;
+  return o;
 }
 
 void zero_range(const std::string& path, uint64_t off, size_t len) {
@@ -306,9 +320,14 @@ TEST_F(Tamper, ZeroedHeaderPageIsRejectedAtOpen) {
   EXPECT_EQ(fx_.reopen("f").status().code(), Code::kAuthFailed);
 }
 
-TEST(BlockCodec, AadBindsIndexFileAndDekVersion) {
+// The AAD binds the block index, the file and the volume. The DEK version is bound by the page
+// MAC and by the key wrap itself; in volumes with rewrappable blocks (every new one) the AAD's
+// version field is 0, and the frozen pre-feature volume (tests/testdata, test_frozen.py) still
+// reads with the version in it.
+TEST(BlockCodec, AadBindsIndexFileAndVolume) {
   TempDir d;
   OpenedVolume v = test::make_volume(d);
+  EXPECT_EQ(v.keys->block_aad_version(1), 0u);
   FileId a{}, b{};
   b[0] = 1;
   Bytes pt(4096, 0x42), ct(4096), out(4096);
@@ -325,6 +344,127 @@ TEST(BlockCodec, AadBindsIndexFileAndDekVersion) {
   TempDir d2;
   OpenedVolume w = test::make_volume(d2);
   EXPECT_EQ(open_block(*w.keys, a, 7, s, ct, out.data()).code(), Code::kAuthFailed);
+}
+
+// DEK rotation, the block half (fs/block_rewrap.h): every block key moves to the new DEK
+// version by rewriting metadata pages alone. The data blocks stay byte for byte (nothing is
+// re-encrypted), the file reads back the same, and the old DEK alone no longer opens it.
+TEST(BlockRewrap, KeysMoveToTheNewDekAndNoDataBlockChanges) {
+  TempDir d;
+  OpenedVolume v1 = test::make_volume(d);
+  ASSERT_TRUE(v1.keys->rewrappable_blocks());
+  auto io = make_posix_backend();
+  const std::string path = d.sub("cipher/f");
+  std::mt19937_64 rng(7);
+  // 70 blocks and a short one: three metadata pages; a hole in the second group; and one
+  // block overwritten, so its entry has two slots (both are re-wrapped).
+  Bytes content = random_bytes(rng, 70 * 4096 + 100);
+  std::fill(content.begin() + 40 * 4096, content.begin() + 42 * 4096, 0);
+  {
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    auto f = CipherFile::create(fd, *v1.keys, *io);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE((*f)->write(0, ByteView(content.data(), 40 * 4096)).ok());
+    ASSERT_TRUE((*f)->write(42 * 4096, ByteView(content.data() + 42 * 4096, content.size() - 42 * 4096)).ok());
+    ASSERT_TRUE((*f)->write(5 * 4096, ByteView(content.data() + 5 * 4096, 4096)).ok());
+    f->reset();
+    close(fd);
+  }
+  auto rotated = rotate_dek(d.sub("cipher"), no_prompt());
+  ASSERT_TRUE(rotated.ok()) << rotated.status().to_string();
+  auto v2 = open_volume(d.sub("cipher"), no_prompt());
+  ASSERT_TRUE(v2.ok());
+  ASSERT_EQ(v2->keys->active_version(), 2u);
+  const Bytes before = slurp(path);
+  const Layout layout(4096);
+  ASSERT_EQ(layout.page_count(content.size()), 3u);
+
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  {
+    auto f = CipherFile::open(fd, *v2->keys, *io);
+    ASSERT_TRUE(f.ok());
+    uint64_t written = 0;
+    auto next = (*f)->rewrap_keys(0, 2, &written);  // two pages, then the rest
+    ASSERT_TRUE(next.ok()) << next.status().to_string();
+    EXPECT_EQ(*next, 2u);
+    next = (*f)->rewrap_keys(*next, 64, &written);
+    ASSERT_TRUE(next.ok());
+    EXPECT_EQ(*next, CipherFile::kRewrapDone);
+    EXPECT_EQ(written, 3u);
+    written = 0;  // a second pass finds nothing to do and writes nothing
+    ASSERT_TRUE((*f)->rewrap_keys(0, 64, &written).ok());
+    EXPECT_EQ(written, 0u);
+    EXPECT_EQ(read_all(**f), content);  // from the cached pages
+  }
+  const Bytes after = slurp(path);
+  ASSERT_EQ(after.size(), before.size());
+  size_t slots = 0, two_slot_entries = 0;
+  for (uint64_t p = 0; p < 3; ++p) {
+    const uint64_t off = layout.page_offset(p);
+    const uint64_t data_end = std::min<uint64_t>(after.size(), off + layout.group_size());
+    EXPECT_TRUE(std::equal(before.begin() + off + kMetaPageSize, before.begin() + data_end,
+                           after.begin() + off + kMetaPageSize))
+        << "data of group " << p << " changed";
+    MetaPage page;
+    std::memcpy(page.data(), after.data() + off, kMetaPageSize);
+    EXPECT_TRUE(page.verify(*v2->keys, page.file_id(), p).ok());
+    EXPECT_EQ(page.mac_version(), 2u);
+    for (uint64_t e = 0; e < kBlocksPerGroup; ++e) {
+      two_slot_entries += !page.slot(e, 0).empty() && !page.slot(e, 1).empty();
+      for (int which : {0, 1}) {
+        if (page.slot(e, which).empty()) continue;
+        EXPECT_EQ(page.slot(e, which).dek_version, 2u);
+        ++slots;
+      }
+    }
+  }
+  EXPECT_EQ(slots, 70u - 2 + 1 + 1);  // every written block, and block 5's second slot
+  EXPECT_EQ(two_slot_entries, 1u);
+  {
+    auto f = CipherFile::open(fd, *v2->keys, *io);  // from disk this time
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(read_all(**f), content);
+    std::map<uint32_t, uint64_t> by_version;
+    ASSERT_TRUE((*f)->count_key_versions(&by_version).ok());
+    EXPECT_EQ(by_version, (std::map<uint32_t, uint64_t>{{2u, slots}}));
+  }
+  // The keys from before the rotation hold only v1: the pages now need v2.
+  EXPECT_EQ(CipherFile::open(fd, *v1.keys, *io).status().code(), Code::kAuthFailed);
+  close(fd);
+}
+
+// A page whose MAC fails is not re-wrapped (nor "repaired"): the call fails, naming where,
+// and the file on disk is left as it was.
+TEST(BlockRewrap, ADamagedPageFailsAndNothingIsWritten) {
+  TempDir d;
+  OpenedVolume v1 = test::make_volume(d);
+  auto io = make_posix_backend();
+  const std::string path = d.sub("cipher/f");
+  std::mt19937_64 rng(8);
+  const Bytes content = random_bytes(rng, 40 * 4096);
+  {
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    auto f = CipherFile::create(fd, *v1.keys, *io);
+    ASSERT_TRUE((*f)->write(0, content).ok());
+    f->reset();
+    close(fd);
+  }
+  ASSERT_TRUE(rotate_dek(d.sub("cipher"), no_prompt()).ok());
+  auto v2 = open_volume(d.sub("cipher"), no_prompt());
+  ASSERT_TRUE(v2.ok());
+  poke(path, Layout(4096).page_offset(1) + 200, 0x01);  // an entry of the second page
+  const Bytes before = slurp(path);
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  auto f = CipherFile::open(fd, *v2->keys, *io);
+  ASSERT_TRUE(f.ok());
+  uint64_t written = 0;
+  auto next = (*f)->rewrap_keys(0, 64, &written);
+  EXPECT_EQ(next.status().code(), Code::kAuthFailed);
+  EXPECT_NE(next.status().message().find("block 31"), std::string::npos) << next.status().to_string();
+  EXPECT_EQ(written, 0u);
+  EXPECT_EQ(slurp(path), before);
+  f->reset();
+  close(fd);
 }
 
 // The two-slot rule: a write interrupted between its metadata and its data leaves the block

@@ -156,7 +156,7 @@ TEST(VolumeConfig, UnknownVersionAndFeaturesAreUnsupported) {
   TempDir d;
   test::make_volume(d);
   auto j = nlohmann::json::parse(slurp(d.sub("cipher/envelopefs.conf")));
-  EXPECT_EQ(j["features"], nlohmann::json::array({"nonce-names"}));  // what init writes now
+  EXPECT_EQ(j["features"], nlohmann::json::array({"nonce-names", "rewrappable-blocks"}));  // what init writes now
   auto no_feature = j;  // dropping a feature is an edit like any other: the MAC refuses it
   no_feature["features"] = nlohmann::json::array();
   spit(d.sub("cipher/envelopefs.conf"), no_feature.dump());

@@ -330,6 +330,7 @@ class DekRotationTest(TokenTest):
             r = run([BIN, "rotate-dek", self.vol.cipher])
             self.assertIn("DEK v2 of volume", r.stdout)
             self.assertTrue(wait_for(lambda: "DEK v2 is active (was v1)" in self.vol.log_text()))
+            self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
         finally:
             stop.set()
             t.join()
@@ -342,7 +343,7 @@ class DekRotationTest(TokenTest):
         self.assertEqual([(d["version"], d["state"]) for d in conf["deks"]], [(1, "retired"), (2, "active")])
         (old_file,) = before
         (new_file,) = set(self.vol.backing_files()) - before
-        self.assertEqual(slot_versions(old_file), [1] * 13)  # 50,000 bytes: 13 blocks, untouched
+        self.assertEqual(slot_versions(old_file), [2] * 13)  # 50,000 bytes: 13 blocks, re-wrapped
         self.assertEqual(slot_versions(new_file), [2, 2, 2])
         self.vol.mount()
         self.assertEqual(read_file(self.vol.path("old")), old)
@@ -353,6 +354,7 @@ class DekRotationTest(TokenTest):
         events = [(r["event"], r["outcome"]) for r in self.audit_records()]
         self.assertIn(("rotate-dek", "ok"), events)
         self.assertIn(("dek-switch", "ok"), events)
+        self.assertIn(("rewrap-blocks", "ok"), events)
 
     def test_a_rotation_the_root_refuses_changes_nothing(self):
         self.init(self.token.uri())
