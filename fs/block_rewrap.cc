@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -49,8 +50,8 @@ uint32_t rewrapped_version(const std::string& cipher_dir) {
   return static_cast<uint32_t>(v);
 }
 
-BlockRewrap::BlockRewrap(Filesystem& fs, std::string cipher_dir)
-    : fs_(fs), cipher_dir_(std::move(cipher_dir)) {
+BlockRewrap::BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only)
+    : fs_(fs), cipher_dir_(std::move(cipher_dir)), read_only_(read_only) {
   kicked_ = true;  // the first round checks whether a walk is needed
   thread_ = std::thread([this] { run(); });
 }
@@ -102,7 +103,17 @@ bool BlockRewrap::needed() {
     }
     return false;
   }
-  return rewrapped_version(cipher_dir_) != fs_.keys().active_version();
+  if (rewrapped_version(cipher_dir_) == fs_.keys().active_version()) return false;
+  struct statvfs vfs;
+  if (read_only_ || (statvfs(cipher_dir_.c_str(), &vfs) == 0 && (vfs.f_flag & ST_RDONLY))) {
+    if (!said_read_only_) {
+      said_read_only_ = true;
+      log_info("block keys are owed a re-wrap under DEK v" + std::to_string(fs_.keys().active_version()) +
+               ", but this mount (or its backing filesystem) is read-only: a read-write mount does it");
+    }
+    return false;
+  }
+  return true;
 }
 
 void BlockRewrap::walk() {

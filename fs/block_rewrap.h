@@ -47,7 +47,9 @@ uint32_t rewrapped_version(const std::string& cipher_dir);
 
 class BlockRewrap {
  public:
-  BlockRewrap(Filesystem& fs, std::string cipher_dir);
+  // `read_only`: the mount is (-o ro); nothing is written then, and a walk owed waits for a
+  // read-write mount. A read-only backing filesystem is treated the same.
+  BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only);
   ~BlockRewrap();  // stops a walk in progress (it resumes at the next mount) and the thread
   BlockRewrap(const BlockRewrap&) = delete;
   BlockRewrap& operator=(const BlockRewrap&) = delete;
@@ -81,7 +83,9 @@ class BlockRewrap {
   std::condition_variable wake_;
   bool stop_ = false;
   bool kicked_ = false;
-  bool said_not_rewrappable_ = false;  // only the walker's thread touches it
+  bool said_not_rewrappable_ = false;  // only the walker's thread touches these two
+  bool said_read_only_ = false;
+  const bool read_only_;
   std::chrono::steady_clock::time_point last_report_;
   std::thread thread_;
 };

@@ -25,6 +25,17 @@
 namespace envelopefs {
 namespace {
 
+// True when the comma-separated `options` hold `name` (an option without a value).
+bool has_option(const std::string& options, const std::string& name) {
+  size_t start = 0;
+  while (start <= options.size()) {
+    const size_t end = std::min(options.find(',', start), options.size());
+    if (options.compare(start, end - start, name) == 0) return true;
+    start = end + 1;
+  }
+  return false;
+}
+
 // Tells the waiting parent how the start-up went: "OK" or an error message.
 class ReadyPipe {
  public:
@@ -191,7 +202,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   // Block keys left under an older DEK version by a rotation are moved to the active one in
   // the background, now if a walk is owed, and after each switch the watcher makes.
-  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher);
+  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher, has_option(o.fuse_options, "ro"));
   std::optional<KeyWatch> watch;
   if (watch_root) {
     watch.emplace(se, fs, cipher, o.provider,

@@ -263,6 +263,23 @@ class DekRotationTest(unittest.TestCase):
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
 
+    def test_a_read_only_mount_leaves_the_re_wrap_to_the_next_read_write_one(self):
+        self.vol.mount()
+        write_file(self.vol.path("f"), os.urandom(10_000))
+        self.vol.unmount()
+        before = {f: read_file(f) for f in self.vol.backing_files()}
+        self.rotate()
+        self.vol.mount("-o", "ro")
+        self.assertEqual(len(read_file(self.vol.path("f"))), 10_000)
+        self.assertTrue(wait_for(lambda: "is read-only: a read-write mount does it" in self.vol.log_text()))
+        self.vol.unmount()
+        self.assertEqual({f: read_file(f) for f in self.vol.backing_files()}, before)
+        self.assertIsNone(self.record())
+        self.vol.mount()
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.vol.unmount()
+        self.assertEqual(self.versions_in_use(), {2})
+
     def test_a_damaged_file_is_reported_and_the_walk_goes_on_and_stays_owed(self):
         self.vol.mount()
         for name in ("one", "two"):
