@@ -445,17 +445,18 @@ Result<uint64_t> CipherFile::rewrap_keys(uint64_t from, uint64_t max_pages, uint
   return stop >= end ? kRewrapDone : stop;
 }
 
-Status CipherFile::count_key_versions(std::map<uint32_t, uint64_t>* by_version) {
+Status CipherFile::count_key_versions(std::map<uint32_t, uint64_t>* keys, std::map<uint32_t, uint64_t>* pages) {
   std::shared_lock lock(rw_);
   const uint64_t end = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
   std::lock_guard cache(cache_mu_);
   for (uint64_t p = 0; p < end; ++p) {
     auto pg = page(p, false);
     if (!pg.ok()) return pg.status();
+    (*pages)[(*pg)->mac_version()]++;
     for (uint64_t e = 0; e < kBlocksPerGroup; ++e) {
       for (int which = 0; which < 2; ++which) {
         Slot slot = (*pg)->slot(e, which);
-        if (!slot.empty()) (*by_version)[slot.dek_version]++;
+        if (!slot.empty()) (*keys)[slot.dek_version]++;
       }
     }
   }

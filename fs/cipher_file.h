@@ -72,8 +72,9 @@ class CipherFile {
   // Pages read only for this are not kept in the cache.
   Result<uint64_t> rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* written);
   static constexpr uint64_t kRewrapDone = ~uint64_t{0};
-  // Adds, per DEK version, how many block keys (non-empty slots) of this file it wraps.
-  Status count_key_versions(std::map<uint32_t, uint64_t>* by_version);
+  // Adds, per DEK version, how many block keys (non-empty slots) of this file it wraps, and
+  // how many of its metadata pages are sealed under it.
+  Status count_key_versions(std::map<uint32_t, uint64_t>* keys, std::map<uint32_t, uint64_t>* pages);
 
   // Cached metadata pages are bounded for the whole process: 16384 pages (64 MiB), enough to
   // describe 2 GiB of file data at 4 KiB blocks. A file over its share evicts its own clean pages.

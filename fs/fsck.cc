@@ -19,8 +19,9 @@ namespace {
 
 class Checker {
  public:
-  Checker(VolumeKeys& keys, IoBackend& io, int root_fd, bool quiet)
-      : keys_(keys), io_(io), root_fd_(root_fd), quiet_(quiet) {}
+  // `read_blocks` false: metadata pages only (scan_dek_use).
+  Checker(VolumeKeys& keys, IoBackend& io, int root_fd, bool quiet, bool read_blocks = true)
+      : keys_(keys), io_(io), root_fd_(root_fd), quiet_(quiet), read_blocks_(read_blocks) {}
 
   void dir(int dir_fd, const std::string& plain_path, const std::string& backing_path) {
     report_.dirs++;
@@ -91,12 +92,12 @@ class Checker {
       close(fd);
       return problem(path, "header: " + f.status().to_string());
     }
-    if (Status counted = (*f)->count_key_versions(&report_.keys_by_dek); !counted.ok()) {
+    if (Status counted = (*f)->count_key_versions(&report_.keys_by_dek, &report_.pages_by_dek); !counted.ok()) {
       problem(path, "metadata: " + counted.to_string());
     }
     const uint32_t bs = keys_.block_size();
     std::vector<uint8_t> buf(bs);
-    const uint64_t size = (*f)->size();
+    const uint64_t size = read_blocks_ ? (*f)->size() : 0;
     for (uint64_t off = 0; off < size; off += bs) {
       report_.blocks++;
       auto n = (*f)->read(off, buf);
@@ -105,6 +106,7 @@ class Checker {
     }
     f->reset();
     close(fd);
+    if (!read_blocks_) progress();
   }
 
   const FsckReport& report() const { return report_; }
@@ -115,24 +117,37 @@ class Checker {
     std::printf("FAIL %s: %s\n", path.c_str(), what.c_str());
   }
   void progress() {
-    if (quiet_ || report_.blocks % 4096 != 0) return;
+    if (quiet_ || (read_blocks_ && report_.blocks % 4096 != 0)) return;
     auto now = std::chrono::steady_clock::now();
     if (now - last_ < std::chrono::seconds(1)) return;
     last_ = now;
-    std::fprintf(stderr, "fsck: %lu files, %lu blocks checked, %lu problems\r",
-                 static_cast<unsigned long>(report_.files), static_cast<unsigned long>(report_.blocks),
-                 static_cast<unsigned long>(report_.problems));
+    if (read_blocks_) {
+      std::fprintf(stderr, "fsck: %lu files, %lu blocks checked, %lu problems\r",
+                   static_cast<unsigned long>(report_.files), static_cast<unsigned long>(report_.blocks),
+                   static_cast<unsigned long>(report_.problems));
+    } else {
+      std::fprintf(stderr, "scanning: %lu files, %lu problems\r", static_cast<unsigned long>(report_.files),
+                   static_cast<unsigned long>(report_.problems));
+    }
   }
 
   VolumeKeys& keys_;
   IoBackend& io_;
   int root_fd_;
   bool quiet_;
+  const bool read_blocks_;
   FsckReport report_;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace
+
+FsckReport scan_dek_use(VolumeKeys& keys, int root_fd, bool quiet) {
+  auto io = make_posix_backend();
+  Checker c(keys, *io, root_fd, quiet, false);
+  c.dir(root_fd, "", "");
+  return c.report();
+}
 
 int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet) {
   auto volume = open_volume(cipher_dir, provider);

@@ -1,4 +1,4 @@
-// The envelopefs command line: init, mount, unmount, status, fsck, rewrap, rotate-dek.
+// The envelopefs command line: init, mount, unmount, status, fsck, rewrap, rotate-dek, drop-dek.
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -30,9 +30,9 @@
 namespace envelopefs {
 namespace {
 
-// One change of envelopefs.conf at a time (rewrap, rotate-dek): two would each write a config
-// of their own, and the later one would drop what the earlier one did. A flock of the cipher
-// dir, held until the returned descriptor is closed; -1 (said on stderr) if it is taken.
+// One change of envelopefs.conf at a time (rewrap, rotate-dek, drop-dek): two would each write
+// a config of their own, and the later one would drop what the earlier one did. A flock of the
+// cipher dir, held until the returned descriptor is closed; -1 (said on stderr) if it is taken.
 int lock_config_changes(const std::string& dir, const char* command) {
   int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) {
@@ -40,7 +40,7 @@ int lock_config_changes(const std::string& dir, const char* command) {
     return -1;
   }
   if (flock(dfd, LOCK_EX | LOCK_NB) != 0) {
-    std::fprintf(stderr, "envelopefs %s: another rewrap or rotation of %s is running\n", command, dir.c_str());
+    std::fprintf(stderr, "envelopefs %s: another rewrap, rotation or drop-dek of %s is running\n", command, dir.c_str());
     close(dfd);
     return -1;
   }
@@ -101,6 +101,68 @@ int cmd_rotate_dek(const std::string& dir, const ProviderOptions& po) {
     std::printf("This volume predates re-wrappable block keys: each block keeps the DEK version it was\n"
                 "sealed under until it is written again. No data was re-encrypted.\n");
   }
+  return 0;
+}
+
+// A retired DEK version that no file of the volume uses any more leaves the config: the end
+// of a rotation, once the mount's re-wrap (fs/block_rewrap.h) is done and no backup taken
+// before it is still wanted. Proven unused by a scan of every metadata page, under the same
+// lock as the change, so no rotation can come between.
+int cmd_drop_dek(const std::string& dir, uint32_t version, bool yes, const ProviderOptions& po) {
+  int dfd = lock_config_changes(dir, "drop-dek");
+  if (dfd < 0) return 1;
+  auto refuse = [&](const Status& st) {
+    close(dfd);
+    AuditRecord r = audit_failure("drop-dek", st);
+    r.cipher_dir = dir;
+    r.detail = "DEK v" + std::to_string(version) + ": " + r.detail;
+    audit(r);
+    std::fprintf(stderr, "envelopefs drop-dek: %s\nnothing was changed\n", st.to_string().c_str());
+    return 1;
+  };
+  auto volume = open_volume(dir, po);
+  if (!volume.ok()) return refuse(volume.status());
+  const VolumeConfig& c = volume->config;
+  auto record = std::find_if(c.deks.begin(), c.deks.end(), [&](const DekRecord& d) { return d.version == version; });
+  if (record == c.deks.end()) return refuse(Status(Code::kNotFound, "the volume has no DEK version " + std::to_string(version)));
+  if (record->state == DekState::kActive) {
+    return refuse(Status(Code::kInvalidArgument, "DEK v" + std::to_string(version) +
+                                                     " is the active version (rotate-dek first)"));
+  }
+  int root = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (root < 0) return refuse(Status::Io(errno, "open " + dir));
+  FsckReport scan = scan_dek_use(*volume->keys, root, !isatty(STDERR_FILENO));
+  close(root);
+  if (scan.problems != 0) {
+    return refuse(Status(Code::kCorrupt, std::to_string(scan.problems) +
+                                             " files could not be scanned (listed above), so DEK v" +
+                                             std::to_string(version) + " cannot be shown to be unused"));
+  }
+  const uint64_t keys = scan.keys_by_dek[version], pages = scan.pages_by_dek[version];
+  if (keys != 0 || pages != 0) {
+    return refuse(Status(Code::kInvalidArgument,
+                         "DEK v" + std::to_string(version) + " still wraps " + std::to_string(keys) +
+                             " block keys and seals " + std::to_string(pages) +
+                             " metadata pages of this volume; mount it and let its re-wrap finish "
+                             "(`envelopefs status` says when), then try again"));
+  }
+  if (!yes) {
+    close(dfd);
+    audit({"drop-dek", "checked", to_hex(c.volume_id), dir, c.root_uri,
+           "DEK v" + std::to_string(version) + " is unused; not dropped without --yes"});
+    std::printf("No file of this volume uses DEK v%u (%lu files scanned). Dropping it is crypto-shredding:\n"
+                "copies of this cipher dir taken before the re-wrap, opened with the config as it will be,\n"
+                "lose every block still under v%u. Run again with --yes to drop it.\nnothing was changed\n",
+                version, static_cast<unsigned long>(scan.files), version);
+    return 1;
+  }
+  auto after = drop_dek(dir, po, version);
+  if (!after.ok()) return refuse(after.status());
+  close(dfd);
+  const std::string what = "DEK v" + std::to_string(version) + " dropped; no file of the volume used it (" +
+                           std::to_string(scan.files) + " files scanned)";
+  audit({"drop-dek", "ok", to_hex(after->volume_id), dir, after->root_uri, what});
+  std::printf("%s. A running mount keeps it in memory until it is unmounted.\n", what.c_str());
   return 0;
 }
 
@@ -265,7 +327,7 @@ int main(int argc, char** argv) {
   using namespace envelopefs;
   // `envelopefs CIPHERDIR MOUNTPOINT -o OPTS`, the form mount.fuse3 uses for fuse.envelopefs.
   static const std::set<std::string> kCommands = {"init",   "mount", "unmount", "umount",
-                                                  "status", "fsck",  "rewrap",  "rotate-dek"};
+                                                  "status", "fsck",  "rewrap",  "rotate-dek", "drop-dek"};
   std::vector<std::string> args(argv, argv + argc);
   if (args.size() >= 3 && args[1][0] != '-' && !kCommands.count(args[1])) {
     args.insert(args.begin() + 1, "mount");
@@ -353,6 +415,16 @@ int main(int argc, char** argv) {
   rotate->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
   rotate->add_option("CIPHERDIR", dir)->required();
 
+  uint32_t drop_version = 0;
+  bool yes = false;
+  auto* drop = app.add_subcommand(
+      "drop-dek", "remove a retired DEK version that no file uses any more (after rotate-dek and the\n"
+                  "mount's re-wrap); copies of the cipher dir taken before then lose what it still wraps");
+  drop->add_option("--version", drop_version, "the DEK version to drop (see status)")->required();
+  drop->add_flag("--yes", yes, "really drop it (without: only check that it is unused)");
+  drop->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
+  drop->add_option("CIPHERDIR", dir)->required();
+
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
   fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
@@ -384,5 +456,6 @@ int main(int argc, char** argv) {
   if (*fsck) return run_fsck(dir, po, quiet);
   if (*rewrap) return cmd_rewrap(dir, rewrap_to, po, next_po);
   if (*rotate) return cmd_rotate_dek(dir, po);
+  if (*drop) return cmd_drop_dek(dir, drop_version, yes, po);
   return 1;
 }

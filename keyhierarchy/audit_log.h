@@ -5,8 +5,8 @@
 //   {"time":"2026-11-29T16:40:00Z","event":"mount","outcome":"ok","volume":"<32 hex>",
 //    "cipher_dir":"/srv/c","root":"pkcs11:token=...","uid":0,"pid":1234,"detail":"..."}
 //
-// Events: init, mount, rewrap, rotate-dek, dek-switch, rewrap-blocks, revoked, restored, unmount,
-// fsck.
+// Events: init, mount, rewrap, rotate-dek, dek-switch, rewrap-blocks, drop-dek, revoked, restored,
+// unmount, fsck.
 // Outcome "ok", or the error class (access denied, key service unreachable, authentication
 // failed, ...) with the message in detail; a "revoked" record says "keys zeroized" and why.
 // A record never holds key material or a PIN: only what the config itself holds.

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 
+#include <algorithm>
 #include <ctime>
 
 #include "crypto/labels.h"
@@ -219,6 +220,23 @@ Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOpt
   for (DekRecord& r : c.deks) r.state = DekState::kRetired;
   c.deks.push_back({next, DekState::kActive, std::move(wrapped).value(), now_utc()});
   auto mac = config_mac(c, *dek);
+  if (!mac.ok()) return mac.status();
+  c.mac = *mac;
+  ENVELOPEFS_RETURN_IF_ERROR(save_config(cipher_dir, c));
+  return c;
+}
+
+Result<VolumeConfig> drop_dek(const std::string& cipher_dir, const ProviderOptions& options, uint32_t version) {
+  auto u = unwrap_volume(cipher_dir, options);
+  if (!u.ok()) return u.status();
+  VolumeConfig& c = u->config;
+  auto it = std::find_if(c.deks.begin(), c.deks.end(), [&](const DekRecord& r) { return r.version == version; });
+  if (it == c.deks.end()) return Status(Code::kNotFound, "the volume has no DEK version " + std::to_string(version));
+  if (it->state == DekState::kActive) {
+    return Status(Code::kInvalidArgument, "DEK v" + std::to_string(version) + " is the active version");
+  }
+  c.deks.erase(it);
+  auto mac = config_mac(c, u->deks.at(c.active_dek()->version));
   if (!mac.ok()) return mac.status();
   c.mac = *mac;
   ENVELOPEFS_RETURN_IF_ERROR(save_config(cipher_dir, c));

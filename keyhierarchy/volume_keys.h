@@ -102,6 +102,13 @@ Status recheck_root(const std::string& cipher_dir, const ProviderOptions& option
 // switches at its next key check (fs/key_watch.h).
 Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOptions& options);
 
+// Removes retired DEK version `version` from the config (the config MAC checked through the
+// root first, and recomputed under the active DEK): crypto-shredding of whatever that version
+// still wraps, in this volume and in every copy of the cipher dir that takes this config. The
+// caller makes sure nothing of the volume needs it (fs/fsck.h, scan_dek_use). kNotFound if
+// the config has no such version; kInvalidArgument for the active one.
+Result<VolumeConfig> drop_dek(const std::string& cipher_dir, const ProviderOptions& options, uint32_t version);
+
 // The associated data of a root wrap (labels.h + volume id + version); public for tests.
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);
 

@@ -424,9 +424,10 @@ TEST(BlockRewrap, KeysMoveToTheNewDekAndNoDataBlockChanges) {
     auto f = CipherFile::open(fd, *v2->keys, *io);  // from disk this time
     ASSERT_TRUE(f.ok());
     EXPECT_EQ(read_all(**f), content);
-    std::map<uint32_t, uint64_t> by_version;
-    ASSERT_TRUE((*f)->count_key_versions(&by_version).ok());
+    std::map<uint32_t, uint64_t> by_version, pages;
+    ASSERT_TRUE((*f)->count_key_versions(&by_version, &pages).ok());
     EXPECT_EQ(by_version, (std::map<uint32_t, uint64_t>{{2u, slots}}));
+    EXPECT_EQ(pages, (std::map<uint32_t, uint64_t>{{2u, 3u}}));
   }
   // The keys from before the rotation hold only v1: the pages now need v2.
   EXPECT_EQ(CipherFile::open(fd, *v1.keys, *io).status().code(), Code::kAuthFailed);

@@ -9,6 +9,7 @@ slots start at 128 + 128*e, each with its sequence number and DEK version (littl
 import hashlib
 import json
 import os
+import shutil
 import struct
 import threading
 import time
@@ -262,6 +263,63 @@ class DekRotationTest(unittest.TestCase):
             self.assertEqual(read_file(self.vol.path(n)), c)
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
+
+    def test_a_dek_version_is_dropped_only_once_nothing_uses_it_and_then_backups_lose_it(self):
+        self.vol.mount()
+        content = os.urandom(100_000)
+        write_file(self.vol.path("f"), content)
+        self.vol.unmount()
+        backup = os.path.join(self.vol.root, "backup")
+        shutil.copytree(self.vol.cipher, backup, symlinks=True)  # taken before the rotation
+        conf = os.path.join(self.vol.cipher, "envelopefs.conf")
+
+        def drop(version, *args):
+            return run([BIN, "drop-dek", "--version", str(version), *args, self.vol.cipher], check=False)
+
+        self.rotate()
+        original = read_file(conf)
+        r = drop(1, "--yes")  # the blocks are still under v1: no re-wrap has run yet
+        self.assertEqual(r.returncode, 1)
+        self.assertRegex(r.stderr, r"DEK v1 still wraps \d+ block keys and seals 1 metadata pages")
+        self.assertEqual(read_file(conf), original)
+
+        self.vol.mount()
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.vol.unmount()
+        for version, expected in ((2, "is the active version"), (9, "has no DEK version 9")):
+            r = drop(version, "--yes")
+            self.assertEqual(r.returncode, 1)
+            self.assertIn(expected, r.stderr)
+        r = drop(1)  # unused now, but not without --yes
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("No file of this volume uses DEK v1", r.stdout)
+        self.assertEqual(read_file(conf), original)
+
+        # The backup taken before the rotation still opens with the current config: its blocks
+        # are under v1, which the config still holds.
+        shutil.copyfile(conf, os.path.join(backup, "envelopefs.conf"))
+        self.assertIn("0 problems", run([BIN, "fsck", "-q", backup]).stdout)
+
+        r = drop(1, "--yes")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("DEK v1 dropped", r.stdout)
+        with open(conf) as f:
+            self.assertEqual([(d["version"], d["state"]) for d in json.load(f)["deks"]], [(2, "active")])
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("f")), content)
+        self.vol.unmount()
+        self.assertIn("0 problems", run([BIN, "fsck", "-q", self.vol.cipher]).stdout)
+
+        # Crypto-shredding: the backup, with the config as it is now, has lost what v1 wrapped.
+        shutil.copyfile(conf, os.path.join(backup, "envelopefs.conf"))
+        r = run([BIN, "fsck", "-q", backup], check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("unknown DEK version 1", r.stdout)
+        if AUDIT:
+            with open(AUDIT) as f:
+                records = [json.loads(line) for line in f if self.vol.cipher + '"' in line]
+            self.assertEqual([r["outcome"] for r in records if r["event"] == "drop-dek"],
+                             ["invalid argument", "invalid argument", "not found", "checked", "ok"])
 
     def test_a_read_only_mount_leaves_the_re_wrap_to_the_next_read_write_one(self):
         self.vol.mount()
