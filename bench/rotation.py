@@ -2,17 +2,19 @@
 """What a DEK rotation costs: the block re-wrap walk (fs/block_rewrap.h) against re-encrypting
 the same data, and what the walk takes from a workload running beside it. Run as root.
 
-  sudo python3 bench/rotation.py [--size 2G] [--tree /usr/include] [--runtime 20]
+  sudo python3 bench/rotation.py [--size 2G] [--tree /usr/include] [--runtime 20] [--rewrap-rate N]
 
 1. A volume holding one --size file and a copy of --tree.
 2. Re-wrap: unmount, drop caches, `envelopefs rotate-dek`, mount; the walk's own figures
    (files, metadata pages rewritten, seconds) from the daemon log.
 3. Re-encrypt, the baseline: the same data copied through the mount with cold caches (what a
    rotation that re-encrypts must at least do: read and write every byte).
-4. Online: fio 4 KiB random reads of the big file for --runtime seconds, alone and then with a
-   rotation made one second in (the mount checks keys every second), so the walk runs beside it.
+4. Online: fio 4 KiB random reads of the big file for --runtime seconds, with a rotation made a
+   third of the way in (the mount checks keys every second): fio's IOPS while the walk runs
+   against its IOPS before and after.
 """
 import argparse
+import glob
 import json
 import os
 import re
@@ -40,15 +42,16 @@ def drop_caches():
 
 
 class Vol:
-    def __init__(self, binary, work):
-        self.bin, self.work = binary, work
+    def __init__(self, binary, work, rate):
+        self.bin, self.work, self.rate = binary, work, rate
         self.cipher, self.mnt = os.path.join(work, "cipher"), os.path.join(work, "mnt")
         self.log = os.path.join(work, "daemon.log")
         os.makedirs(self.mnt)
         sh([binary, "init", "--kms", "file:" + os.path.join(work, "root.key"), self.cipher])
 
     def mount(self):
-        sh([self.bin, "mount", "--key-check-interval", "1", "--log-file", self.log, self.cipher, self.mnt])
+        sh([self.bin, "mount", "--key-check-interval", "1", "--rewrap-rate", str(self.rate), "--log-file", self.log,
+            self.cipher, self.mnt])
 
     def unmount(self):
         sh([self.bin, "unmount", self.mnt])
@@ -73,17 +76,12 @@ class Vol:
         raise RuntimeError("the re-wrap did not finish:\n" + self.log_text()[since:])
 
 
-def fio_randread(path, runtime, size):
-    r = sh(["fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size}",
-            "--ioengine=psync", f"--runtime={runtime}", "--time_based", "--output-format=json"])
-    return json.loads(r.stdout)["jobs"][0]["read"]["iops"]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="2G")
     ap.add_argument("--tree", default="/usr/include")
     ap.add_argument("--runtime", type=int, default=20)
+    ap.add_argument("--rewrap-rate", type=int, default=0, help="the mount's --rewrap-rate (0: no limit)")
     ap.add_argument("--work", default="/var/tmp/envelopefs-bench-rotation")
     ap.add_argument("--binary", default=os.path.join(ROOT, "build/envelopefs"))
     a = ap.parse_args()
@@ -91,7 +89,7 @@ def main():
         sys.exit("run as root (mounts, drop_caches)")
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
-    v = Vol(a.binary, tempfile.mkdtemp(dir=a.work))
+    v = Vol(a.binary, tempfile.mkdtemp(dir=a.work), a.rewrap_rate)
     rows = []
     try:
         v.mount()
@@ -116,6 +114,7 @@ def main():
         v.unmount()
         drop_caches()
         v.mount()
+        os.mkdir(os.path.join(v.mnt, "copy"))
         t = time.time()
         sh(["cp", "-a", os.path.join(v.mnt, "big"), os.path.join(v.mnt, "tree"), os.path.join(v.mnt, "copy")])
         os.sync()
@@ -124,22 +123,45 @@ def main():
                      f"walk / re-encrypt = {secs / copy_secs:.3f}"))
         sh(["rm", "-rf", os.path.join(v.mnt, "copy")])
 
-        # 4. A workload beside the walk.
+        # 4. A workload beside the walk: fio's IOPS in 200 ms steps, inside the walk's window
+        # (from the log line that starts it to the one that ends it) against outside it.
         v.unmount()
         drop_caches()
         v.mount()
-        alone = fio_randread(big, a.runtime, a.size)
         since = len(v.log_text())
+        prefix = os.path.join(a.work, "rr")
+        started = time.time()
         proc = subprocess.Popen(["fio", "--name=rr", f"--filename={big}", "--rw=randread", "--bs=4k",
                                  f"--size={a.size}", "--ioengine=psync", f"--runtime={a.runtime}",
-                                 "--time_based", "--output-format=json"], stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
+                                 "--time_based", f"--write_iops_log={prefix}", "--log_avg_msec=200",
+                                 "--output-format=json"], stdout=subprocess.PIPE, text=True)
+        time.sleep(a.runtime / 3)
         sh([a.binary, "rotate-dek", v.cipher])
+        window = [None, None]
+        while window[1] is None:
+            text = v.log_text()[since:]
+            now = time.time() - started
+            if window[0] is None and "re-wrapping every block key" in text:
+                window[0] = now
+            if "re-wrap done" in text:
+                window[1] = now
+            time.sleep(0.02)
         _, pages2, secs2 = v.wait_walk(since)
-        beside = json.loads(proc.communicate()[0])["jobs"][0]["read"]["iops"]
-        rows.append(("fio randread 4k alone", f"{alone:.0f} IOPS", f"{a.runtime} s"))
-        rows.append(("fio randread 4k with the walk beside it", f"{beside:.0f} IOPS",
-                     f"{beside / alone:.2f}x; the walk took {secs2:.1f} s for {pages2} pages"))
+        proc.communicate()
+        inside, outside = [], []
+        with open(glob.glob(prefix + "_iops*.log")[0]) as f:
+            for line in f:
+                ms, iops = (int(x) for x in line.split(",")[:2])
+                t = ms / 1000
+                if t < 1:
+                    continue  # fio's own start
+                (inside if window[0] - 0.2 <= t <= window[1] + 0.2 else outside).append(iops)
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+        rows.append(("fio randread 4k, outside the walk", f"{mean(outside):.0f} IOPS",
+                     f"{len(outside)} samples of 200 ms"))
+        rows.append(("fio randread 4k, while the walk runs", f"{mean(inside):.0f} IOPS",
+                     f"{mean(inside) / mean(outside):.2f}x; the walk took {secs2:.1f} s for {pages2} pages "
+                     f"({len(inside)} samples)"))
         v.unmount()
     finally:
         sh(["umount", "-l", v.mnt], check=False)

@@ -133,29 +133,49 @@ Result<size_t> rewrap_slots(VolumeKeys& keys, MetaPage& page) {
     return Status(Code::kUnsupported, "the blocks of this volume name their DEK version (made before "
                                       "the rewrappable-blocks feature)");
   }
+  static_assert(2 * kBlocksPerGroup <= KeyWrapper::kMaxBatch);
   Dek& active = keys.active();
-  uint8_t* key = scratch_key();
+  uint8_t* batch = scratch_keys();
+  uint8_t wrapped[KeyWrapper::kMaxBatch * kWrappedKeySize];
+  bool ok[KeyWrapper::kMaxBatch];
   size_t changed = 0;
   Status st;
-  for (uint64_t e = 0; e < kBlocksPerGroup && st.ok(); ++e) {
-    for (int which = 0; which < 2 && st.ok(); ++which) {
-      Slot slot = page.slot(e, which);
-      if (slot.empty() || slot.dek_version == active.version) continue;
-      Dek* old = keys.dek(slot.dek_version);
-      if (old == nullptr) {
-        st = Status(Code::kAuthFailed, "block key under unknown DEK version " + std::to_string(slot.dek_version));
-        break;
-      }
-      st = old->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
-      if (st.ok()) st = active.wrapper.wrap({key, kGcmKeySize}, slot.wrapped_key);
-      if (st.ok()) {
-        slot.dek_version = active.version;
-        page.set_slot(e, which, slot);
-        ++changed;
+  // One batched unwrap per old version (almost always one), one batched wrap under the active.
+  for (;;) {
+    uint32_t version = 0;
+    std::pair<uint64_t, int> where[KeyWrapper::kMaxBatch];
+    size_t n = 0;
+    for (uint64_t e = 0; e < kBlocksPerGroup; ++e) {
+      for (int which = 0; which < 2; ++which) {
+        Slot slot = page.slot(e, which);
+        if (slot.empty() || slot.dek_version == active.version) continue;
+        if (n == 0) version = slot.dek_version;
+        if (slot.dek_version != version) continue;
+        std::memcpy(wrapped + n * kWrappedKeySize, slot.wrapped_key.data(), kWrappedKeySize);
+        where[n++] = {e, which};
       }
     }
+    if (n == 0) break;
+    Dek* old = keys.dek(version);
+    if (old == nullptr) {
+      st = Status(Code::kAuthFailed, "block key under unknown DEK version " + std::to_string(version));
+      break;
+    }
+    st = old->wrapper.unwrap32_many(wrapped, batch, ok, n);
+    for (size_t k = 0; k < n && st.ok(); ++k) {
+      if (!ok[k]) st = Status(Code::kAuthFailed, "key unwrap: integrity check failed");
+    }
+    if (st.ok()) st = active.wrapper.wrap32_many(batch, wrapped, n);
+    OPENSSL_cleanse(batch, n * kGcmKeySize);
+    if (!st.ok()) break;
+    for (size_t k = 0; k < n; ++k) {
+      Slot slot = page.slot(where[k].first, where[k].second);
+      slot.dek_version = active.version;
+      std::memcpy(slot.wrapped_key.data(), wrapped + k * kWrappedKeySize, kWrappedKeySize);
+      page.set_slot(where[k].first, where[k].second, slot);
+    }
+    changed += n;
   }
-  OPENSSL_cleanse(key, kGcmKeySize);
   if (!st.ok()) return st;
   return changed;
 }

@@ -50,8 +50,11 @@ uint32_t rewrapped_version(const std::string& cipher_dir) {
   return static_cast<uint32_t>(v);
 }
 
-BlockRewrap::BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only)
-    : fs_(fs), cipher_dir_(std::move(cipher_dir)), read_only_(read_only) {
+BlockRewrap::BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only, unsigned pages_per_second)
+    : fs_(fs),
+      cipher_dir_(std::move(cipher_dir)),
+      read_only_(read_only),
+      pages_per_second_(pages_per_second) {
   kicked_ = true;  // the first round checks whether a walk is needed
   thread_ = std::thread([this] { run(); });
 }
@@ -76,6 +79,19 @@ void BlockRewrap::kick() {
 bool BlockRewrap::stopping() {
   std::lock_guard lock(mu_);
   return stop_;
+}
+
+bool BlockRewrap::go_on(const Tally& t) {
+  std::unique_lock lock(mu_);
+  if (pages_per_second_ != 0) {
+    // The pages read so far are due no sooner than this since the walk began.
+    const auto due =
+        walk_started_ +
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(static_cast<double>(t.pages.pages_read) / pages_per_second_));
+    wake_.wait_until(lock, due, [&] { return stop_; });
+  }
+  return !stop_;
 }
 
 void BlockRewrap::run() {
@@ -133,9 +149,12 @@ void BlockRewrap::walk() {
       target = fs_.keys().active_version();
     }
     log_info("re-wrapping every block key under DEK v" + std::to_string(target) +
-             " (metadata pages only; data blocks are not touched)");
+             " (metadata pages only; data blocks are not touched; " +
+             (pages_per_second_ == 0 ? std::string("no rate limit")
+                                     : "at most " + std::to_string(pages_per_second_) + " pages a second") +
+             ")");
     const auto started = std::chrono::steady_clock::now();
-    last_report_ = started;
+    last_report_ = walk_started_ = started;
     Tally t;
     bool missed = false;
     int root = open(cipher_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -148,11 +167,14 @@ void BlockRewrap::walk() {
       close(root);
       if (outcome == Outcome::kDone) outcome = walk_moved(target, t, &missed);
     }
-    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - started;
-    char secs[32];
-    std::snprintf(secs, sizeof secs, "%.1f", took.count());
-    const std::string counts = std::to_string(t.files) + " files, " + std::to_string(t.pages) +
-                               " metadata pages rewritten in " + secs + " s";
+    auto tally = [&] {
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - started;
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.1f", took.count());
+      return std::to_string(t.files) + " files, " + std::to_string(t.pages.pages_written) +
+             " metadata pages rewritten in " + secs + " s";
+    };
+    const std::string counts = tally();
     if (outcome == Outcome::kStopped) {
       log_info("re-wrap stopped at unmount (" + counts + "); the next mount goes on where it left off");
       return;
@@ -195,7 +217,7 @@ void BlockRewrap::walk() {
     // still under an older DEK.
     Status st = syncfs_status();
     if (st.ok()) st = write_record(cipher_dir_, target);
-    r.detail = "every block key is under DEK v" + std::to_string(target) + "; " + counts;
+    r.detail = "every block key is under DEK v" + std::to_string(target) + "; " + tally() + " (synced)";
     if (!st.ok()) {
       r.outcome = "failed";
       r.detail += "; " + st.to_string();
@@ -251,7 +273,7 @@ BlockRewrap::Outcome BlockRewrap::walk_dir(int dir_fd, const std::string& path, 
       if (o != Outcome::kDone) return o;
     } else if (type == DT_REG) {
       Status st = fs_.rewrap_block_keys(
-          dir_fd, name, [this] { return stopping(); }, &t.pages);
+          dir_fd, name, [&] { return go_on(t); }, &t.pages);
       if (st.code() == Code::kKeyUnavailable) return Outcome::kRevoked;
       t.files++;
       if (!st.ok()) {
@@ -297,7 +319,7 @@ BlockRewrap::Outcome BlockRewrap::walk_moved(uint32_t target, Tally& t, bool* mi
         }
       } else if (S_ISREG(st.st_mode)) {
         Status r = fs_.rewrap_block_keys(
-            fd, "", [this] { return stopping(); }, &t.pages);
+            fd, "", [&] { return go_on(t); }, &t.pages);
         if (r.code() == Code::kKeyUnavailable) o = Outcome::kRevoked;
         t.files++;
         if (!r.ok() && o == Outcome::kDone) {
@@ -319,7 +341,7 @@ void BlockRewrap::report_progress(uint32_t target, const Tally& t) {
   if (now - last_report_ < std::chrono::seconds(10)) return;
   last_report_ = now;
   log_info("re-wrapping under DEK v" + std::to_string(target) + ": " + std::to_string(t.files) + " files, " +
-           std::to_string(t.pages) + " metadata pages so far");
+           std::to_string(t.pages.pages_written) + " metadata pages rewritten so far");
 }
 
 }  // namespace envelopefs

@@ -6,8 +6,10 @@
 //
 // A thread of the daemon walks the backing tree. Each regular file goes through the same
 // OpenFile a FUSE open would get (so the walk and the mount's own requests share one page
-// cache and one lock), 64 metadata pages at a time: the file is held exclusively for one batch,
-// not for the whole file, and each batch passes the key gate like a request. A page whose
+// cache and one lock), 16 metadata pages at a time: the pages are read into the backing page
+// cache first, then the file is held exclusively for that one batch (well under a millisecond),
+// not for the whole file, and each batch passes the key gate like a request. An optional pace
+// (--rewrap-rate) bounds the pages read per second. A page whose
 // slots and MAC are all under the active DEK is read and left alone, so a walk that was cut
 // short (unmount, crash, revocation) loses nothing and the next one only re-reads what the
 // first did. The files' modification and access times are kept; their change time is the
@@ -48,8 +50,10 @@ uint32_t rewrapped_version(const std::string& cipher_dir);
 class BlockRewrap {
  public:
   // `read_only`: the mount is (-o ro); nothing is written then, and a walk owed waits for a
-  // read-write mount. A read-only backing filesystem is treated the same.
-  BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only);
+  // read-write mount. A read-only backing filesystem is treated the same. `pages_per_second`:
+  // the walk reads at most that many metadata pages a second (0: as fast as it can), to leave
+  // the disk to the volume's users.
+  BlockRewrap(Filesystem& fs, std::string cipher_dir, bool read_only, unsigned pages_per_second);
   ~BlockRewrap();  // stops a walk in progress (it resumes at the next mount) and the thread
   BlockRewrap(const BlockRewrap&) = delete;
   BlockRewrap& operator=(const BlockRewrap&) = delete;
@@ -61,8 +65,8 @@ class BlockRewrap {
  private:
   struct Tally {
     uint64_t files = 0;
-    uint64_t pages = 0;   // metadata pages rewritten
     uint64_t failed = 0;  // files that could not be re-wrapped
+    Filesystem::RewrapProgress pages;
   };
   enum class Outcome { kDone, kStopped, kRevoked };
 
@@ -75,6 +79,8 @@ class BlockRewrap {
   Outcome walk_moved(uint32_t target, Tally& t, bool* missed);
   void report_progress(uint32_t target, const Tally& t);
   bool stopping();
+  // Before each batch: waits as long as the pace asks (or until unmount); false: stop.
+  bool go_on(const Tally& t);
   Status syncfs_status();
 
   Filesystem& fs_;
@@ -86,6 +92,8 @@ class BlockRewrap {
   bool said_not_rewrappable_ = false;  // only the walker's thread touches these two
   bool said_read_only_ = false;
   const bool read_only_;
+  const unsigned pages_per_second_;
+  std::chrono::steady_clock::time_point walk_started_;
   std::chrono::steady_clock::time_point last_report_;
   std::thread thread_;
 };

@@ -68,9 +68,9 @@ class CipherFile {
   // pages [from, from+max_pages) that an older DEK version wraps, and seals those pages again
   // (their MAC moves to the active DEK). Writes metadata pages only: data blocks are neither
   // read nor written. Holds the file exclusively while it works. Returns the page to continue
-  // from, or kRewrapDone when the file has no page left; `written` counts pages rewritten.
-  // Pages read only for this are not kept in the cache.
-  Result<uint64_t> rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* written);
+  // from, or kRewrapDone when the file has no page left; adds the pages looked at to `read` and
+  // those rewritten to `written`. Pages read only for this are not kept in the cache.
+  Result<uint64_t> rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* read, uint64_t* written);
   static constexpr uint64_t kRewrapDone = ~uint64_t{0};
   // Adds, per DEK version, how many block keys (non-empty slots) of this file it wraps, and
   // how many of its metadata pages are sealed under it.

@@ -855,8 +855,8 @@ int Filesystem::reopen_known(dev_t dev, ino_t ino) {
   return ::open(proc_path(i->fd).c_str(), O_PATH | O_CLOEXEC);
 }
 
-Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& stop,
-                                     uint64_t* pages) {
+Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& go_on,
+                                     RewrapProgress* progress) {
   int fd = entry.empty() ? fcntl(dir_fd, F_DUPFD_CLOEXEC, 0)
                          : openat(dir_fd, entry.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno == ENOENT ? Status::Ok() : errno_status("open backing file");
@@ -877,7 +877,7 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
   std::shared_ptr<OpenFile> of;
   Status result;
   for (uint64_t next = 0;;) {
-    if (stop()) break;
+    if (!go_on()) break;
     KeyGateScope gate(gate_);
     if (!gate.ok()) {
       result = Status(Code::kKeyUnavailable, "keys revoked");
@@ -899,13 +899,14 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
       result = errno_status("stat backing file");
       break;
     }
-    constexpr uint64_t kPagesPerBatch = 64;
+    // Small enough that the file is held for well under a millisecond (16 pages: 496 blocks).
+    constexpr uint64_t kPagesPerBatch = 16;
     uint64_t written = 0;
-    auto r = of->file->rewrap_keys(next, kPagesPerBatch, &written);
+    auto r = of->file->rewrap_keys(next, kPagesPerBatch, &progress->pages_read, &written);
     if (written > 0) {
       const timespec keep[2] = {{0, UTIME_OMIT}, before.st_mtim};
       if (futimens(of->fd, keep) != 0) log_error_rate_limited("re-wrap: could not keep a file's mtime");
-      *pages += written;
+      progress->pages_written += written;
     }
     if (!r.ok()) {
       result = r.status();

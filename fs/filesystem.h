@@ -95,12 +95,17 @@ class Filesystem {
   // The block half of DEK rotation, for one backing file (fs/block_rewrap.h): re-wraps every
   // block key of regular file `entry` of backing directory `dir_fd` under the active DEK,
   // through the file's shared OpenFile, a batch of metadata pages at a time, each batch inside
-  // the key gate. Keeps the file's mtime. Adds the pages rewritten to `pages`. Ok also when the
-  // entry is gone or is not a regular file; kKeyUnavailable when the keys are revoked;
-  // `stop` is asked between batches (Ok when it says stop: the rest is for another walk).
-  // `entry` empty: `dir_fd` is the file itself (an O_PATH descriptor from reopen_known).
-  Status rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& stop,
-                           uint64_t* pages);
+  // the key gate. Keeps the file's mtime. Adds the pages it reads and rewrites to `progress`.
+  // Ok also when the entry is gone or is not a regular file; kKeyUnavailable when the keys are
+  // revoked. `go_on` is asked before each batch (it may wait, to pace the walk); when it says
+  // no, Ok: the rest is for another walk. `entry` empty: `dir_fd` is the file itself (an O_PATH
+  // descriptor from reopen_known).
+  struct RewrapProgress {
+    uint64_t pages_read = 0;
+    uint64_t pages_written = 0;
+  };
+  Status rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& go_on,
+                           RewrapProgress* progress);
   // While `on`, the backing nodes renamed or linked through the mount are noted: a walk of the
   // backing tree may have passed a node by, moved from a directory it had not reached yet
   // into one it had left. take_moves() hands them over (and whether there were too many to

@@ -288,12 +288,14 @@ int cmd_status(std::string path, bool json) {
   return 0;
 }
 
-// A count of seconds from an -o option; -1 if it is not one (refused after parsing).
-int seconds_or_invalid(const std::string& v) {
+// A number in 0..max from an -o option (the range its flag has); -1 if it is not one (refused
+// after parsing).
+int number_or_invalid(const std::string& v, int max) {
   int n = -1;
   auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
-  return ec == std::errc() && end == v.data() + v.size() && n >= 0 && n <= 864000 ? n : -1;
+  return ec == std::errc() && end == v.data() + v.size() && n >= 0 && n <= max ? n : -1;
 }
+constexpr int kMaxCheckInterval = 86400, kMaxUnreachableGrace = 864000, kMaxRewrapRate = 10000000;
 
 // Splits "-o a,b=c" into the options we own and the ones passed to libfuse; options that
 // mount(8) adds for its own use are dropped, so fstab entries work as written.
@@ -313,8 +315,9 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else if (o == "no_writeback") mo->fs.writeback_cache = false;
     else if (o == "direct_backing") mo->fs.direct_backing = true;
     else if (o == "allow_other") mo->allow_other = true;
-    else if (o.rfind("key_check_interval=", 0) == 0) mo->key_check_interval = seconds_or_invalid(o.substr(19));
-    else if (o.rfind("key_unreachable_grace=", 0) == 0) mo->key_unreachable_grace = seconds_or_invalid(o.substr(22));
+    else if (o.rfind("key_check_interval=", 0) == 0) mo->key_check_interval = number_or_invalid(o.substr(19), kMaxCheckInterval);
+    else if (o.rfind("key_unreachable_grace=", 0) == 0) mo->key_unreachable_grace = number_or_invalid(o.substr(22), kMaxUnreachableGrace);
+    else if (o.rfind("rewrap_rate=", 0) == 0) mo->rewrap_rate = number_or_invalid(o.substr(12), kMaxRewrapRate);
     else keep.push_back(o);
   }
   for (size_t i = 0; i < keep.size(); ++i) mo->fuse_options += (i ? "," : "") + keep[i];
@@ -362,7 +365,7 @@ int main(int argc, char** argv) {
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
                                 "no_uring, no_writeback, direct_backing, fuse_transport=T,\n"
-                                "key_check_interval=N, key_unreachable_grace=N");
+                                "key_check_interval=N, key_unreachable_grace=N, rewrap_rate=N");
   mount->add_option("--passfile", mo.provider.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
@@ -384,10 +387,14 @@ int main(int argc, char** argv) {
                     "ask the root key provider again every N seconds (default 60, 0: never); when it\n"
                     "refuses, the keys are zeroized and every request fails with EKEYREVOKED until\n"
                     "it answers again (not for pass: volumes)")
-      ->check(CLI::Range(0, 86400));
+      ->check(CLI::Range(0, kMaxCheckInterval));
   mount->add_option("--key-unreachable-grace", mo.key_unreachable_grace,
                     "how long a root key provider that cannot be reached is trusted (default 300 s)")
-      ->check(CLI::Range(0, 864000));
+      ->check(CLI::Range(0, kMaxUnreachableGrace));
+  mount->add_option("--rewrap-rate", mo.rewrap_rate,
+                    "after a DEK rotation, re-wrap block keys reading at most N metadata pages a second\n"
+                    "(one page describes 31 blocks; default 0: as fast as the disk allows)")
+      ->check(CLI::Range(0, kMaxRewrapRate));
   mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
   mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();
 
@@ -446,7 +453,12 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (mo.key_check_interval < 0 || mo.key_unreachable_grace < 0) {
-      std::fprintf(stderr, "envelopefs: key_check_interval= and key_unreachable_grace= take a number of seconds\n");
+      std::fprintf(stderr, "envelopefs: key_check_interval= takes 0..%d seconds, key_unreachable_grace= 0..%d\n",
+                   kMaxCheckInterval, kMaxUnreachableGrace);
+      return 2;
+    }
+    if (mo.rewrap_rate < 0) {
+      std::fprintf(stderr, "envelopefs: rewrap_rate= takes 0..%d pages a second\n", kMaxRewrapRate);
       return 2;
     }
     return run_mount(mo);

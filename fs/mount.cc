@@ -202,7 +202,8 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   // Block keys left under an older DEK version by a rotation are moved to the active one in
   // the background, now if a walk is owed, and after each switch the watcher makes.
-  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher, has_option(o.fuse_options, "ro"));
+  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher, has_option(o.fuse_options, "ro"),
+                                    static_cast<unsigned>(o.rewrap_rate));
   std::optional<KeyWatch> watch;
   if (watch_root) {
     watch.emplace(se, fs, cipher, o.provider,

@@ -27,6 +27,9 @@ struct MountOptions {
   // (0: never); an unreachable root is trusted for key_unreachable_grace seconds.
   int key_check_interval = 60;
   int key_unreachable_grace = 300;
+  // The block re-wrap after a DEK rotation (fs/block_rewrap.h) reads at most this many
+  // metadata pages a second (0: no limit).
+  int rewrap_rate = 0;
 };
 
 // Returns the process exit code.

@@ -383,17 +383,19 @@ TEST(BlockRewrap, KeysMoveToTheNewDekAndNoDataBlockChanges) {
   {
     auto f = CipherFile::open(fd, *v2->keys, *io);
     ASSERT_TRUE(f.ok());
-    uint64_t written = 0;
-    auto next = (*f)->rewrap_keys(0, 2, &written);  // two pages, then the rest
+    uint64_t read = 0, written = 0;
+    auto next = (*f)->rewrap_keys(0, 2, &read, &written);  // two pages, then the rest
     ASSERT_TRUE(next.ok()) << next.status().to_string();
     EXPECT_EQ(*next, 2u);
-    next = (*f)->rewrap_keys(*next, 64, &written);
+    next = (*f)->rewrap_keys(*next, 64, &read, &written);
     ASSERT_TRUE(next.ok());
     EXPECT_EQ(*next, CipherFile::kRewrapDone);
     EXPECT_EQ(written, 3u);
+    EXPECT_EQ(read, 3u);
     written = 0;  // a second pass finds nothing to do and writes nothing
-    ASSERT_TRUE((*f)->rewrap_keys(0, 64, &written).ok());
+    ASSERT_TRUE((*f)->rewrap_keys(0, 64, &read, &written).ok());
     EXPECT_EQ(written, 0u);
+    EXPECT_EQ(read, 6u);
     EXPECT_EQ(read_all(**f), content);  // from the cached pages
   }
   const Bytes after = slurp(path);
@@ -458,8 +460,8 @@ TEST(BlockRewrap, ADamagedPageFailsAndNothingIsWritten) {
   int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   auto f = CipherFile::open(fd, *v2->keys, *io);
   ASSERT_TRUE(f.ok());
-  uint64_t written = 0;
-  auto next = (*f)->rewrap_keys(0, 64, &written);
+  uint64_t read = 0, written = 0;
+  auto next = (*f)->rewrap_keys(0, 64, &read, &written);
   EXPECT_EQ(next.status().code(), Code::kAuthFailed);
   EXPECT_NE(next.status().message().find("block 31"), std::string::npos) << next.status().to_string();
   EXPECT_EQ(written, 0u);

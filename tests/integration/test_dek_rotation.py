@@ -9,6 +9,7 @@ slots start at 128 + 128*e, each with its sequence number and DEK version (littl
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import threading
@@ -337,6 +338,22 @@ class DekRotationTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
+
+    def test_the_walk_keeps_to_its_rate(self):
+        self.vol.mount()
+        write_file(self.vol.path("f"), os.urandom(100 * 31 * BS))  # 100 metadata pages
+        self.vol.unmount()
+        self.rotate()
+        self.vol.mount("-o", "rewrap_rate=40")
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.vol.unmount()
+        log = self.vol.log_text()
+        self.assertIn("at most 40 pages a second", log)
+        seconds = float(re.search(r"100 metadata pages rewritten in ([\d.]+) s", log)[1])
+        self.assertGreaterEqual(seconds, (100 - 16) / 40)  # a pace, not a speed: it cannot go faster
+        r = run([BIN, "mount", "-o", "rewrap_rate=fast", self.vol.cipher, self.vol.mnt], check=False)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("rewrap_rate= takes 0..", r.stderr)
 
     def test_a_damaged_file_is_reported_and_the_walk_goes_on_and_stays_owed(self):
         self.vol.mount()
