@@ -237,6 +237,50 @@ class DekRotationTest(unittest.TestCase):
         self.assertEqual(self.versions_in_use(), {2}, "\n".join(left[:5]) + f" ({len(left)})" + self.vol.log_text())
         self.assertEqual(self.record(), "2")
 
+    def test_a_daemon_killed_mid_walk_loses_nothing_and_the_next_mount_finishes_the_walk(self):
+        self.vol.mount()
+        files = {f"f{i}": os.urandom(40 * 31 * BS) for i in range(5)}  # 5 files of 40 pages
+        for name, content in files.items():
+            write_file(self.vol.path(name), content)
+        self.vol.unmount()
+        self.rotate()
+        self.vol.mount("--rewrap-rate", "50")  # 200 pages: four seconds
+        self.assertTrue(wait_for(lambda: "re-wrapping every block key" in self.vol.log_text()))
+        time.sleep(1.5)
+        self.vol.kill9()
+        self.assertEqual(self.versions_in_use(), {1, 2})  # cut short, part way
+        self.vol.mount()
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        done = self.log_lines_since(2, "re-wrap done")[0]
+        left = int(re.search(r"(\d+) metadata pages rewritten", done)[1])
+        self.assertLess(left, 200)  # only what the first walk had not done
+        self.assertGreater(left, 0)
+        for name, content in files.items():
+            self.assertEqual(read_file(self.vol.path(name)), content, name)
+        self.vol.unmount()
+        self.assertEqual(self.versions_in_use(), {2})
+        self.assertIn("0 problems", run([BIN, "fsck", "-q", self.vol.cipher]).stdout)
+
+    def test_revocation_stops_the_walk_and_the_keys_return_resumes_it(self):
+        self.vol.mount()
+        for i in range(4):
+            write_file(self.vol.path(f"f{i}"), os.urandom(40 * 31 * BS))
+        self.vol.unmount()
+        self.rotate()
+        self.vol.mount("--rewrap-rate", "40", "--key-check-interval", "1")
+        self.assertTrue(wait_for(lambda: "re-wrapping every block key" in self.vol.log_text()))
+        os.rename(self.vol.key, self.vol.key + ".away")  # the root key file is gone: revoked
+        try:
+            self.assertTrue(wait_for(lambda: "re-wrap stopped: keys revoked" in self.vol.log_text()),
+                            self.vol.log_text())
+            self.assertEqual(self.versions_in_use(), {1, 2})
+        finally:
+            os.rename(self.vol.key + ".away", self.vol.key)
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()), self.vol.log_text())
+        self.vol.unmount()
+        self.assertEqual(self.versions_in_use(), {2})
+        self.assertEqual(self.record(), "2")
+
     def test_a_walk_cut_short_goes_on_at_the_next_mount_rewriting_only_what_is_left(self):
         self.vol.mount()
         write_file(self.vol.path("a"), os.urandom(2 * 31 * BS))  # two pages
