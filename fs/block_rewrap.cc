@@ -31,6 +31,13 @@ Status write_record(const std::string& cipher_dir, uint32_t version) {
     unlink(tmp.c_str());
     return Status::Io(ok ? errno : err, "write " + path);
   }
+  int dir = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);  // the rename, durable
+  if (dir < 0 || fsync(dir) != 0) {
+    const int e = errno;
+    if (dir >= 0) close(dir);
+    return Status::Io(e, "fsync " + cipher_dir);
+  }
+  close(dir);
   return Status::Ok();
 }
 
@@ -213,10 +220,9 @@ void BlockRewrap::walk() {
       audit_from_daemon(r);
       return;
     }
-    // Made durable before the record says so: a crash must not leave a record over pages
-    // still under an older DEK.
-    Status st = syncfs_status();
-    if (st.ok()) st = write_record(cipher_dir_, target);
+    // Every rewritten page was made durable file by file (Filesystem::rewrap_block_keys), so a
+    // power cut cannot leave this record over pages still under an older DEK.
+    Status st = write_record(cipher_dir_, target);
     r.detail = "every block key is under DEK v" + std::to_string(target) + "; " + tally() + " (synced)";
     if (!st.ok()) {
       r.outcome = "failed";
@@ -226,15 +232,6 @@ void BlockRewrap::walk() {
     audit_from_daemon(r);
     return;
   }
-}
-
-Status BlockRewrap::syncfs_status() {
-  int fd = open(cipher_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status::Io(errno, "open " + cipher_dir_);
-  const bool ok = syncfs(fd) == 0;
-  const int err = errno;
-  close(fd);
-  return ok ? Status::Ok() : Status::Io(err, "syncfs " + cipher_dir_);
 }
 
 BlockRewrap::Outcome BlockRewrap::walk_dir(int dir_fd, const std::string& path, uint32_t target, Tally& t) {

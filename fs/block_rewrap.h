@@ -20,8 +20,9 @@
 // Only what cannot be followed that way (the kernel forgot the node; more moves than can
 // be noted) costs another pass.
 //
-// When a walk finds nothing left under an older version, the backing filesystem is synced and
-// `envelopefs.rewrapped` in the cipher root records the version (one decimal line): later
+// Each file's rewritten pages are fdatasynced before the walk moves on. When a walk finds
+// nothing left under an older version, `envelopefs.rewrapped` in the cipher root records the
+// version (one decimal line; temporary file, fsync, rename, directory fsync): later
 // mounts skip the walk until another rotation. The record is a hint, not authenticated; losing
 // or forging it costs a walk or skips one, never data (`envelopefs fsck` counts the block keys
 // under each DEK version from the pages themselves).
@@ -81,7 +82,6 @@ class BlockRewrap {
   bool stopping();
   // Before each batch: waits as long as the pace asks (or until unmount); false: stop.
   bool go_on(const Tally& t);
-  Status syncfs_status();
 
   Filesystem& fs_;
   const std::string cipher_dir_;

@@ -876,6 +876,7 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
 
   std::shared_ptr<OpenFile> of;
   Status result;
+  const uint64_t written_before = progress->pages_written;
   for (uint64_t next = 0;;) {
     if (!go_on()) break;
     KeyGateScope gate(gate_);
@@ -916,6 +917,11 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
     next = *r;
   }
   if (of) {
+    // Each file's rewritten pages are made durable before the walk moves on: its end is
+    // recorded, and a record over pages a power cut took back would stop later mounts from
+    // walking again. (syncfs would be one call for all, but on a FUSE backing filesystem it
+    // reaches no one.)
+    if (progress->pages_written != written_before && result.ok()) result = io_->sync(of->fd, true);
     of.reset();
     release(inode->id);
   }

@@ -140,6 +140,9 @@ int cmd_drop_dek(const std::string& dir, uint32_t version, bool yes, const Provi
   }
   const uint64_t keys = scan.keys_by_dek[version], pages = scan.pages_by_dek[version];
   if (keys != 0 || pages != 0) {
+    // A record that says the re-wrap is done is wrong (an older build, a copy put back): gone,
+    // so that the next mount walks again.
+    if (rewrapped_version(dir) == c.active_dek()->version) unlink((dir + "/" + kRewrappedRecord).c_str());
     return refuse(Status(Code::kInvalidArgument,
                          "DEK v" + std::to_string(version) + " still wraps " + std::to_string(keys) +
                              " block keys and seals " + std::to_string(pages) +

@@ -366,6 +366,27 @@ class DekRotationTest(unittest.TestCase):
             self.assertEqual([r["outcome"] for r in records if r["event"] == "drop-dek"],
                              ["invalid argument", "invalid argument", "not found", "checked", "ok"])
 
+    def test_drop_dek_removes_a_record_the_pages_prove_wrong(self):
+        self.vol.mount()
+        write_file(self.vol.path("f"), os.urandom(50_000))
+        self.vol.unmount()
+        (backing,) = self.vol.backing_files()
+        under_v1 = read_file(backing)
+        self.rotate()
+        self.vol.mount()
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.vol.unmount()
+        write_file(backing, under_v1)  # a copy from before put back: the record now lies
+        self.assertEqual(self.record(), "2")
+        r = run([BIN, "drop-dek", "--version", "1", "--yes", self.vol.cipher], check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("still wraps 13 block keys", r.stderr)
+        self.assertIsNone(self.record())
+        self.vol.mount()  # walks again
+        self.assertTrue(wait_for(lambda: len(self.log_lines_since(2, "re-wrap done")) == 1))
+        self.vol.unmount()
+        run([BIN, "drop-dek", "--version", "1", "--yes", self.vol.cipher])
+
     def test_a_read_only_mount_leaves_the_re_wrap_to_the_next_read_write_one(self):
         self.vol.mount()
         write_file(self.vol.path("f"), os.urandom(10_000))
