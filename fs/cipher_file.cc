@@ -395,25 +395,25 @@ Status CipherFile::flush(WriteBatch& batch) {
   return Status::Ok();
 }
 
-Result<uint64_t> CipherFile::rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* read, uint64_t* written) {
-  if (dfd_ < 0) {
-    // The batch's pages are brought into the backing page cache before the file is held, so
-    // readers and writers of it wait for memory work only. All are asked for at once, 4 KiB
-    // each: read one by one, every miss would also read ahead into the data blocks after it,
-    // which the re-wrap never needs. (A page that changes meanwhile is read again below.)
-    uint64_t end;
-    {
-      std::shared_lock lock(rw_);
-      end = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
-    }
-    for (uint64_t p = from; p < std::min(end, from + max_pages); ++p) {
-      (void)posix_fadvise(fd_, static_cast<off_t>(layout_.page_offset(p)), kMetaPageSize, POSIX_FADV_WILLNEED);
-    }
-    alignas(kMetaPageSize) static thread_local uint8_t scratch[kMetaPageSize];
-    for (uint64_t p = from; p < std::min(end, from + max_pages); ++p) {
-      (void)!pread(fd_, scratch, kMetaPageSize, static_cast<off_t>(layout_.page_offset(p)));
-    }
+void CipherFile::prefetch_pages(uint64_t from, uint64_t count) {
+  if (dfd_ >= 0) return;  // O_DIRECT reads bypass the page cache
+  uint64_t end;
+  {
+    std::shared_lock lock(rw_);
+    end = std::min(backing_end(size_) == 0 ? 0 : layout_.page_count(size_), from + count);
   }
+  // All asked for at once, 4 KiB each: read one by one, every miss would also read ahead into
+  // the data blocks after it, which the re-wrap never needs.
+  for (uint64_t p = from; p < end; ++p) {
+    (void)posix_fadvise(fd_, static_cast<off_t>(layout_.page_offset(p)), kMetaPageSize, POSIX_FADV_WILLNEED);
+  }
+  alignas(kMetaPageSize) static thread_local uint8_t scratch[kMetaPageSize];
+  for (uint64_t p = from; p < end; ++p) {
+    (void)!pread(fd_, scratch, kMetaPageSize, static_cast<off_t>(layout_.page_offset(p)));
+  }
+}
+
+Result<uint64_t> CipherFile::rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* read, uint64_t* written) {
   std::unique_lock lock(rw_);
   const uint64_t end = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
   const uint64_t stop = std::min(end, from + max_pages);

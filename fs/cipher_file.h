@@ -71,6 +71,10 @@ class CipherFile {
   // from, or kRewrapDone when the file has no page left; adds the pages looked at to `read` and
   // those rewritten to `written`. Pages read only for this are not kept in the cache.
   Result<uint64_t> rewrap_keys(uint64_t from, uint64_t max_pages, uint64_t* read, uint64_t* written);
+  // Brings metadata pages [from, from+count) into the backing page cache without holding the
+  // file, so that rewrap_keys() holds it for memory work only (a page that changes meanwhile
+  // is simply read again). Advice: errors are ignored.
+  void prefetch_pages(uint64_t from, uint64_t count);
   static constexpr uint64_t kRewrapDone = ~uint64_t{0};
   // Adds, per DEK version, how many block keys (non-empty slots) of this file it wraps, and
   // how many of its metadata pages are sealed under it.

@@ -817,10 +817,6 @@ Status Filesystem::removexattr(uint64_t ino, const char* name) {
   return Status::Ok();
 }
 
-}  // namespace envelopefs
-
-namespace envelopefs {
-
 void Filesystem::track_moves(bool on) {
   std::lock_guard lock(moves_mu_);
   tracking_moves_ = on;
@@ -892,6 +888,9 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
       }
       of = *opened;
     }
+    // Small enough that the file is held for well under a millisecond (16 pages: 496 blocks).
+    constexpr uint64_t kPagesPerBatch = 16;
+    of->file->prefetch_pages(next, kPagesPerBatch);  // disk reads before any lock is held
     // times_mu: a SETATTR of this file's times waits for the batch, so the mtime put back
     // below is never one the caller set meanwhile.
     std::lock_guard times(of->times_mu);
@@ -900,8 +899,6 @@ Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const
       result = errno_status("stat backing file");
       break;
     }
-    // Small enough that the file is held for well under a millisecond (16 pages: 496 blocks).
-    constexpr uint64_t kPagesPerBatch = 16;
     uint64_t written = 0;
     auto r = of->file->rewrap_keys(next, kPagesPerBatch, &progress->pages_read, &written);
     if (written > 0) {
