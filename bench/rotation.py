@@ -24,21 +24,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def sh(cmd, check=True):
-    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{cmd}: {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+from compare import ROOT, drop_caches, sh  # the side-by-side script beside this one
 
 
 class Vol:

@@ -165,6 +165,16 @@ class VolumeTest(unittest.TestCase):
         self.vol.cleanup()
 
 
+def wait_for(predicate, timeout=20, step=0.2):
+    """Polls `predicate` until it holds or `timeout` seconds pass; returns whether it held."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
 def rand_bytes(n, seed=None):
     r = random.Random(seed)
     return r.randbytes(n)

@@ -16,7 +16,7 @@ import threading
 import time
 import unittest
 
-from common import BIN, Volume, main, read_file, run, write_file
+from common import BIN, Volume, main, read_file, run, wait_for, write_file
 
 BS = 4096
 GROUP = 4096 + 31 * BS
@@ -49,13 +49,14 @@ def data_digest(backing_file):
     return h.hexdigest()
 
 
-def wait_for(predicate, timeout=60, step=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+def dek_versions_in_use(vol):
+    """Every DEK version a backing file's pages or slots name."""
+    used = set()
+    for f in vol.backing_files():
+        for mac_version, slots in pages_of(f):
+            used.add(mac_version)
+            used.update(slots)
+    return used
 
 
 class DekRotationTest(unittest.TestCase):
@@ -75,13 +76,7 @@ class DekRotationTest(unittest.TestCase):
             return None
 
     def versions_in_use(self):
-        """Every DEK version a backing file's pages or slots name."""
-        used = set()
-        for f in self.vol.backing_files():
-            for mac_version, slots in pages_of(f):
-                used.add(mac_version)
-                used.update(slots)
-        return used
+        return dek_versions_in_use(self.vol)
 
     def log_lines_since(self, marker_count, text):
         """Log lines containing `text` after the `marker_count`-th mount line."""
@@ -155,7 +150,7 @@ class DekRotationTest(unittest.TestCase):
         t.start()
         try:
             self.assertIn("DEK v2 of volume", self.rotate().stdout)
-            self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()), self.vol.log_text())
+            self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60), self.vol.log_text())
             time.sleep(0.3)  # writes go on after the walk too
         finally:
             stop.set()
@@ -226,7 +221,7 @@ class DekRotationTest(unittest.TestCase):
         t.start()
         try:
             self.rotate()
-            self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()), self.vol.log_text())
+            self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60), self.vol.log_text())
         finally:
             stop.set()
             t.join()
@@ -250,7 +245,7 @@ class DekRotationTest(unittest.TestCase):
         self.vol.kill9()
         self.assertEqual(self.versions_in_use(), {1, 2})  # cut short, part way
         self.vol.mount()
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         done = self.log_lines_since(2, "re-wrap done")[0]
         left = int(re.search(r"(\d+) metadata pages rewritten", done)[1])
         self.assertLess(left, 200)  # only what the first walk had not done
@@ -276,7 +271,7 @@ class DekRotationTest(unittest.TestCase):
             self.assertEqual(self.versions_in_use(), {1, 2})
         finally:
             os.rename(self.vol.key + ".away", self.vol.key)
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()), self.vol.log_text())
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60), self.vol.log_text())
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
         self.assertEqual(self.record(), "2")
@@ -292,7 +287,7 @@ class DekRotationTest(unittest.TestCase):
 
         self.rotate()  # offline: the next mount owes the walk
         self.vol.mount()
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         self.assertIn("2 files, 6 metadata pages rewritten", self.vol.log_text())
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
@@ -329,7 +324,7 @@ class DekRotationTest(unittest.TestCase):
         self.assertEqual(read_file(conf), original)
 
         self.vol.mount()
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         self.vol.unmount()
         for version, expected in ((2, "is the active version"), (9, "has no DEK version 9")):
             r = drop(version, "--yes")
@@ -374,7 +369,7 @@ class DekRotationTest(unittest.TestCase):
         under_v1 = read_file(backing)
         self.rotate()
         self.vol.mount()
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         self.vol.unmount()
         write_file(backing, under_v1)  # a copy from before put back: the record now lies
         self.assertEqual(self.record(), "2")
@@ -400,7 +395,7 @@ class DekRotationTest(unittest.TestCase):
         self.assertEqual({f: read_file(f) for f in self.vol.backing_files()}, before)
         self.assertIsNone(self.record())
         self.vol.mount()
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         self.vol.unmount()
         self.assertEqual(self.versions_in_use(), {2})
 
@@ -410,7 +405,7 @@ class DekRotationTest(unittest.TestCase):
         self.vol.unmount()
         self.rotate()
         self.vol.mount("-o", "rewrap_rate=40")
-        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text()))
+        self.assertTrue(wait_for(lambda: "re-wrap done" in self.vol.log_text(), timeout=60))
         self.vol.unmount()
         log = self.vol.log_text()
         self.assertIn("at most 40 pages a second", log)

@@ -22,6 +22,23 @@ class Frozen(unittest.TestCase):
     def tearDown(self):
         self.vol.cleanup()
 
+    def check_tree(self, seed, small, sparse_size, more={}):
+        """The contents every frozen volume holds (tests/testdata/README.md), and `more`."""
+        p = self.vol.path
+        rnd = random.Random(seed)
+        self.assertEqual(sorted(os.listdir(self.vol.mnt)),
+                         sorted(["dir", "empty", "small.txt", "L" * 240, "link", *more]))
+        self.assertEqual(read_file(p("empty")), b"")
+        self.assertEqual(read_file(p("small.txt")), small)
+        self.assertEqual(read_file(p("dir", "blocks.bin")), rnd.randbytes(31 * 4096 + 1000))
+        self.assertEqual(read_file(p("dir", "sub", "sparse")), b"start" + bytes(sparse_size - 8) + b"end")
+        self.assertEqual(read_file(p("L" * 240)), b"long name")
+        self.assertEqual(os.readlink(p("link")), "dir/blocks.bin")
+        # git keeps no hard links: the two names are two identical backing files here.
+        self.assertEqual(read_file(p("dir", "hardlink")), small)
+        for name, content in more.items():
+            self.assertEqual(read_file(p(name)), content)
+
 
 class FrozenV1(Frozen):
     name = "v1"
@@ -30,17 +47,7 @@ class FrozenV1(Frozen):
         r = run([BIN, "fsck", "-q", self.vol.cipher], check=False)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.vol.mount()
-        p = self.vol.path
-        rnd = random.Random(20261122)
-        self.assertEqual(sorted(os.listdir(self.vol.mnt)), sorted(["dir", "empty", "small.txt", "L" * 240, "link"]))
-        self.assertEqual(read_file(p("empty")), b"")
-        self.assertEqual(read_file(p("small.txt")), b"hello, frozen volume v1\n")
-        self.assertEqual(read_file(p("dir", "blocks.bin")), rnd.randbytes(31 * 4096 + 1000))
-        self.assertEqual(read_file(p("dir", "sub", "sparse")), b"start" + bytes(300000 - 5) + b"end")
-        self.assertEqual(read_file(p("L" * 240)), b"long name")
-        self.assertEqual(os.readlink(p("link")), "dir/blocks.bin")
-        # git keeps no hard links: the two names are two identical backing files here.
-        self.assertEqual(read_file(p("dir", "hardlink")), read_file(p("small.txt")))
+        self.check_tree(20261122, b"hello, frozen volume v1\n", sparse_size=300003)
 
     def test_new_directories_keep_nonce_files(self):
         # A volume without the "nonce-names" feature goes on making nonce files, so the build
@@ -95,18 +102,8 @@ class FrozenV1Rewrappable(Frozen):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("block keys: 38 under DEK v2 (active: v2)", r.stdout)
         self.vol.mount()
-        p = self.vol.path
-        rnd = random.Random(20261129)
-        self.assertEqual(sorted(os.listdir(self.vol.mnt)),
-                         sorted(["dir", "empty", "small.txt", "L" * 240, "link", "after.txt"]))
-        self.assertEqual(read_file(p("empty")), b"")
-        self.assertEqual(read_file(p("small.txt")), b"hello, frozen volume v1 with rewrappable blocks\n")
-        self.assertEqual(read_file(p("dir", "blocks.bin")), rnd.randbytes(31 * 4096 + 1000))
-        self.assertEqual(read_file(p("dir", "sub", "sparse")), b"start" + bytes(300000 - 8) + b"end")
-        self.assertEqual(read_file(p("L" * 240)), b"long name")
-        self.assertEqual(os.readlink(p("link")), "dir/blocks.bin")
-        self.assertEqual(read_file(p("dir", "hardlink")), read_file(p("small.txt")))
-        self.assertEqual(read_file(p("after.txt")), b"written under DEK v2\n")
+        self.check_tree(20261129, b"hello, frozen volume v1 with rewrappable blocks\n", sparse_size=300000,
+                        more={"after.txt": b"written under DEK v2\n"})
         self.vol.unmount()
         self.assertNotIn("re-wrapping", self.vol.log_text())  # the record says it is done
 

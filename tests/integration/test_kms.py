@@ -19,7 +19,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BIN, Volume, is_mounted, main, read_file, run, write_file  # noqa: E402
+from common import BIN, Volume, is_mounted, main, read_file, run, wait_for, write_file  # noqa: E402
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 UTIL = shutil.which("softhsm2-util")
@@ -411,15 +411,6 @@ class AuditTest(TokenTest):
         for secret in (USER_PIN.encode(), key, key.hex().encode(), base64.b64encode(key)):
             self.assertNotIn(secret, text)
         self.assertEqual(os.stat(self.audit_log).st_mode & 0o777, 0o600)
-
-
-def wait_for(predicate, timeout=20, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def revoked(path):

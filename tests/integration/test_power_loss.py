@@ -10,9 +10,9 @@ import tempfile
 import time
 import unittest
 
-from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run
+from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run, wait_for
 from test_db_crash import check_sqlite_crash
-from test_dek_rotation import pages_of, wait_for
+from test_dek_rotation import dek_versions_in_use
 
 CUTFS = os.environ.get("CUTFS_BIN", os.path.join(os.path.dirname(__file__), "../../build/tests/cutfs"))
 
@@ -155,14 +155,6 @@ class PowerLoss(unittest.TestCase):
         self.fsck_clean()
 
 
-    def dek_versions_in_use(self):
-        used = set()
-        for f in self.vol.backing_files():
-            for mac_version, slots in pages_of(f):
-                used.add(mac_version)
-                used.update(slots)
-        return used
-
     def test_a_cut_during_the_block_re_wrap_and_right_after_it(self):
         # Mid-walk: whatever pages reached the disk are under the new DEK, the rest under the
         # old one, both in the config; all of it reads. Right after the walk says it is done:
@@ -177,14 +169,14 @@ class PowerLoss(unittest.TestCase):
         self.assertTrue(wait_for(lambda: "re-wrapping every block key" in self.vol.log_text()))
         time.sleep(1.5)
         self.power_cut()
-        self.assertEqual(self.dek_versions_in_use() - {1, 2}, set())
+        self.assertEqual(dek_versions_in_use(self.vol) - {1, 2}, set())
         self.fsck_clean()
         self.vol.mount()
         for name, content in files.items():
             self.assertEqual(read_file(self.vol.path(name)), content, name)
         self.assertTrue(wait_for(lambda: self.vol.log_text().count("re-wrap done") == 1))
         self.power_cut()
-        self.assertEqual(self.dek_versions_in_use(), {2})
+        self.assertEqual(dek_versions_in_use(self.vol), {2})
         self.assertEqual(read_file(os.path.join(self.vol.cipher, "envelopefs.rewrapped")), b"2\n")
         self.fsck_clean()
 
