@@ -420,8 +420,9 @@ int main(int argc, char** argv) {
   rewrap->add_option("CIPHERDIR", dir)->required();
 
   auto* rotate = app.add_subcommand(
-      "rotate-dek", "make a new DEK version the active one (new writes are sealed under it; older\n"
-                    "versions are kept for the blocks written under them); no data is re-encrypted");
+      "rotate-dek", "make a new DEK version the active one: new writes are sealed under it, and the\n"
+                    "mount re-wraps every existing block key under it in the background (metadata\n"
+                    "pages only); no data is re-encrypted; older versions are kept (see drop-dek)");
   rotate->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
   rotate->add_option("CIPHERDIR", dir)->required();
 
