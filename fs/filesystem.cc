@@ -416,7 +416,7 @@ Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* 
     return errno_status("link");
   }
   struct stat st;
-  if (fstat((*src)->fd, &st) == 0) note_move(st);
+  if (tracking_moves_.load(std::memory_order_relaxed) && fstat((*src)->fd, &st) == 0) note_move(st);
   return make_entry(parent, pfd, bn->entry, out, true);
 }
 
@@ -497,7 +497,8 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   }
   if (!replaced_record.empty()) drop_symlink_record(root_fd_, replaced_record);
   struct stat st;
-  if ((flags & RENAME_EXCHANGE) && fstatat(from->dir->fd, b1.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+  if ((flags & RENAME_EXCHANGE) && tracking_moves_.load(std::memory_order_relaxed) &&
+      fstatat(from->dir->fd, b1.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     note_move(st);
   }
   if (fstatat(to->dir->fd, b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
@@ -825,6 +826,7 @@ void Filesystem::track_moves(bool on) {
 }
 
 void Filesystem::note_move(const struct stat& st) {
+  if (!tracking_moves_.load(std::memory_order_relaxed)) return;  // no walk: the common case
   std::lock_guard lock(moves_mu_);
   if (!tracking_moves_) return;
   if (moves_.size() >= kMaxTrackedMoves) {

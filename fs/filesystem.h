@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -163,8 +164,8 @@ class Filesystem {
   const NonceStore nonce_store_;  // how this volume's directories keep their nonce
   const int root_fd_;  // the cipher root (O_PATH, owned by the inode table)
   void note_move(const struct stat& st);
-  std::mutex moves_mu_;  // guards the three below
-  bool tracking_moves_ = false;
+  std::mutex moves_mu_;  // guards the two below, and changes of tracking_moves_
+  std::atomic<bool> tracking_moves_{false};
   bool moves_overflowed_ = false;
   std::set<std::pair<dev_t, ino_t>> moves_;
 };
