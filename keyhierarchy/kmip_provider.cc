@@ -11,6 +11,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <charconv>
 #include <map>
 
 #include "crypto/random.h"
@@ -59,11 +60,9 @@ Result<KmipUri> parse_uri(const std::string& uri) {
   KmipUri u;
   if (const size_t colon = authority.rfind(':'); colon != std::string::npos) {
     u.host = authority.substr(0, colon);
-    try {
-      u.port = std::stoi(authority.substr(colon + 1));
-    } catch (const std::exception&) {
-      u.port = -1;
-    }
+    const std::string port = authority.substr(colon + 1);
+    auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), u.port);
+    if (ec != std::errc() || end != port.data() + port.size()) u.port = -1;  // "5696abc" too
     if (u.port <= 0 || u.port > 65535)
       return Status(Code::kInvalidArgument, "kmip:// URI: bad port in '" + authority + "'");
   } else {

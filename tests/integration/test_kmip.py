@@ -226,7 +226,8 @@ class KmipTest(unittest.TestCase):
         os.chmod(self.server.path("client.key"), 0o600)
         for uri, expected in [(self.server.uri().replace("&ca=", "&cafile="), "unknown parameter 'cafile'"),
                               (self.server.uri(name=None), "must name the key"),
-                              (f"kmip://127.0.0.1:99999/?name=x&ca=/a&cert=/b&key=/c", "bad port")]:
+                              (f"kmip://127.0.0.1:99999/?name=x&ca=/a&cert=/b&key=/c", "bad port"),
+                              (f"kmip://127.0.0.1:5696abc/?name=x&ca=/a&cert=/b&key=/c", "bad port")]:
             r = self.init(uri, check=False)
             self.assertNotEqual(r.returncode, 0)
             self.assertIn(expected, r.stderr)
