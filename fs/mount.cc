@@ -128,6 +128,8 @@ class SessionGuard {
 
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
+  // Resolved now: the daemon changes to / once it is in the background.
+  const std::string mountpoint = absolute(o.mountpoint);
   // The kernel has already applied the caller's umask to every mode it sends; ours must not
   // mask it a second time.
   umask(0);
@@ -147,7 +149,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
   }
   const AuditRecord mounted{"mount", "ok", to_hex(volume->config.volume_id), cipher, volume->config.root_uri,
-                            "on " + absolute(o.mountpoint)};
+                            "on " + mountpoint};
   int root_fd = open(cipher.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   if (root_fd < 0) return fail(ready, o.foreground, "cannot open " + cipher + ": " + std::strerror(errno));
   if (auto n = read_dir_nonce(root_fd); !n.ok()) {
@@ -185,8 +187,8 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     log_error("cannot wrap the FUSE channel; every write will cost a GETXATTR round trip");
     ring.reset();
   }
-  raise_readahead(absolute(o.mountpoint), 1024);
-  log_info("mounted " + cipher + " on " + o.mountpoint + " (backing I/O: " + fs.io().name() + ")");
+  raise_readahead(mountpoint, 1024);
+  log_info("mounted " + cipher + " on " + mountpoint + " (backing I/O: " + fs.io().name() + ")");
   audit_from_daemon(mounted);
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
   ready.send("OK");
@@ -226,10 +228,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     ring->stop();
     log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
   }
-  log_info("unmounted " + o.mountpoint + "; keys zeroized");
+  log_info("unmounted " + mountpoint + "; keys zeroized");
   AuditRecord gone = mounted;
   gone.event = "unmount";
-  gone.detail = "from " + absolute(o.mountpoint) + "; keys zeroized";
+  gone.detail = "from " + mountpoint + "; keys zeroized";
   audit_from_daemon(gone);
   return rc == 0 ? 0 : 1;
 }

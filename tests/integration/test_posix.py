@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import stat
 import subprocess
+import time
 
 from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, main, rand_bytes, read_file,
                     renameat2, run, write_file)
@@ -786,6 +787,30 @@ class ErrorsAndCli(VolumeTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(is_mounted(self.vol.mnt))
         self.assertEqual(read_file(self.vol.path("f")), b"via fstab")
+
+    def test_a_relative_mountpoint_is_logged_and_audited_as_the_absolute_path(self):
+        # The daemon changes to / once in the background: names resolved after that would be
+        # wrong ("from /mnt" for a mount of ./mnt).
+        from common import run, BIN
+        import json
+        self.vol.unmount()
+        audit = os.path.join(self.vol.root, "audit.log")
+        env = dict(os.environ, ENVELOPEFS_AUDIT_LOG=audit)
+        r = subprocess.run([BIN, "mount", "--log-file", self.vol.log, "cipher", "mnt"], cwd=self.vol.root, env=env,
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        subprocess.run([BIN, "unmount", "mnt"], cwd=self.vol.root, check=True)
+        self.vol._wait_gone(self.vol.daemon_pid())
+        for _ in range(100):
+            if "unmounted" in self.vol.log_text():
+                break
+            time.sleep(0.05)
+        self.assertIn(f"mounted {self.vol.cipher} on {self.vol.mnt} (", self.vol.log_text())
+        self.assertIn(f"unmounted {self.vol.mnt}; keys zeroized", self.vol.log_text())
+        with open(audit) as f:
+            details = {json.loads(line)["event"]: json.loads(line)["detail"] for line in f}
+        self.assertEqual(details["mount"], "on " + self.vol.mnt)
+        self.assertEqual(details["unmount"], f"from {self.vol.mnt}; keys zeroized")
 
     def test_status_json_and_init_refusals(self):
         import json
