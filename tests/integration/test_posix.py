@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import stat
 import subprocess
-import time
 
 from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, main, rand_bytes, read_file,
                     renameat2, run, write_file)
@@ -791,7 +790,7 @@ class ErrorsAndCli(VolumeTest):
     def test_a_relative_mountpoint_is_logged_and_audited_as_the_absolute_path(self):
         # The daemon changes to / once in the background: names resolved after that would be
         # wrong ("from /mnt" for a mount of ./mnt).
-        from common import run, BIN
+        from common import BIN, wait_for
         import json
         self.vol.unmount()
         audit = os.path.join(self.vol.root, "audit.log")
@@ -800,15 +799,15 @@ class ErrorsAndCli(VolumeTest):
                            capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         subprocess.run([BIN, "unmount", "mnt"], cwd=self.vol.root, check=True)
-        self.vol._wait_gone(self.vol.daemon_pid())
-        for _ in range(100):
-            if "unmounted" in self.vol.log_text():
-                break
-            time.sleep(0.05)
+
+        def audit_details():  # the daemon writes the unmount record as it exits, after the log line
+            with open(audit) as f:
+                return {json.loads(line)["event"]: json.loads(line)["detail"] for line in f}
+
+        self.assertTrue(wait_for(lambda: "unmount" in audit_details()))
+        details = audit_details()
         self.assertIn(f"mounted {self.vol.cipher} on {self.vol.mnt} (", self.vol.log_text())
         self.assertIn(f"unmounted {self.vol.mnt}; keys zeroized", self.vol.log_text())
-        with open(audit) as f:
-            details = {json.loads(line)["event"]: json.loads(line)["detail"] for line in f}
         self.assertEqual(details["mount"], "on " + self.vol.mnt)
         self.assertEqual(details["unmount"], f"from {self.vol.mnt}; keys zeroized")
 
