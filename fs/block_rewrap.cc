@@ -19,28 +19,6 @@
 namespace envelopefs {
 namespace {
 
-Status write_record(const std::string& cipher_dir, uint32_t version) {
-  const std::string path = cipher_dir + "/" + kRewrappedRecord, tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::Io(errno, "create " + tmp);
-  const std::string line = std::to_string(version) + "\n";
-  const bool ok = write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()) && fsync(fd) == 0;
-  const int err = errno;
-  close(fd);
-  if (!ok || rename(tmp.c_str(), path.c_str()) != 0) {
-    unlink(tmp.c_str());
-    return Status::Io(ok ? errno : err, "write " + path);
-  }
-  int dir = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);  // the rename, durable
-  if (dir < 0 || fsync(dir) != 0) {
-    const int e = errno;
-    if (dir >= 0) close(dir);
-    return Status::Io(e, "fsync " + cipher_dir);
-  }
-  close(dir);
-  return Status::Ok();
-}
-
 // A backing entry that may be a file with block keys: an encrypted name, or a long name's
 // entry (not its `.name` side file). Every other reserved name is envelopefs' own.
 bool holds_plaintext_node(std::string_view name) {
@@ -210,7 +188,6 @@ void BlockRewrap::walk() {
       return;
     }
     AuditRecord r{"rewrap-blocks", "ok", to_hex(fs_.keys().volume_id()), cipher_dir_, "", ""};
-    if (auto c = load_config(cipher_dir_); c.ok()) r.root = c->root_uri;
     if (t.failed != 0) {
       r.outcome = "failed";
       r.detail = std::to_string(t.failed) +
@@ -222,7 +199,7 @@ void BlockRewrap::walk() {
     }
     // Every rewritten page was made durable file by file (Filesystem::rewrap_block_keys), so a
     // power cut cannot leave this record over pages still under an older DEK.
-    Status st = write_record(cipher_dir_, target);
+    Status st = replace_file(cipher_dir_, kRewrappedRecord, std::to_string(target) + "\n");
     r.detail = "every block key is under DEK v" + std::to_string(target) + "; " + tally() + " (synced)";
     if (!st.ok()) {
       r.outcome = "failed";
@@ -269,15 +246,8 @@ BlockRewrap::Outcome BlockRewrap::walk_dir(int dir_fd, const std::string& path, 
       close(fd);
       if (o != Outcome::kDone) return o;
     } else if (type == DT_REG) {
-      Status st = fs_.rewrap_block_keys(
-          dir_fd, name, [&] { return go_on(t); }, &t.pages);
-      if (st.code() == Code::kKeyUnavailable) return Outcome::kRevoked;
-      t.files++;
-      if (!st.ok()) {
-        t.failed++;
-        log_error("re-wrap: " + cipher_dir_ + where + ": " + st.to_string());
-      }
-      report_progress(target, t);
+      if (rewrap_file(dir_fd, name, cipher_dir_ + where, target, t) == Outcome::kRevoked)
+        return Outcome::kRevoked;
     }
   }
   return stopping() ? Outcome::kStopped : Outcome::kDone;
@@ -315,14 +285,7 @@ BlockRewrap::Outcome BlockRewrap::walk_moved(uint32_t target, Tally& t, bool* mi
           *missed = true;
         }
       } else if (S_ISREG(st.st_mode)) {
-        Status r = fs_.rewrap_block_keys(
-            fd, "", [&] { return go_on(t); }, &t.pages);
-        if (r.code() == Code::kKeyUnavailable) o = Outcome::kRevoked;
-        t.files++;
-        if (!r.ok() && o == Outcome::kDone) {
-          t.failed++;
-          log_error("re-wrap: a file moved during the walk: " + r.to_string());
-        }
+        o = rewrap_file(fd, "", "a file moved during the walk", target, t);
       }
       close(fd);
       if (o != Outcome::kDone) return o;
@@ -330,6 +293,20 @@ BlockRewrap::Outcome BlockRewrap::walk_moved(uint32_t target, Tally& t, bool* mi
     if (!walked_a_directory) return Outcome::kDone;
   }
   *missed = true;
+  return Outcome::kDone;
+}
+
+BlockRewrap::Outcome BlockRewrap::rewrap_file(int dir_fd, const std::string& entry, const std::string& where,
+                                              uint32_t target, Tally& t) {
+  Status st = fs_.rewrap_block_keys(
+      dir_fd, entry, [&] { return go_on(t); }, &t.pages);
+  if (st.code() == Code::kKeyUnavailable) return Outcome::kRevoked;
+  t.files++;
+  if (!st.ok()) {
+    t.failed++;
+    log_error("re-wrap: " + where + ": " + st.to_string());
+  }
+  report_progress(target, t);
   return Outcome::kDone;
 }
 

@@ -78,6 +78,10 @@ class BlockRewrap {
   // Visits the nodes renamed or linked during the walk (Filesystem::track_moves); `missed`:
   // some could not be followed, and only another pass is sure to find them.
   Outcome walk_moved(uint32_t target, Tally& t, bool* missed);
+  // One regular file (Filesystem::rewrap_block_keys's `dir_fd` and `entry`), counted in `t`; a
+  // failure is logged as `where`'s and the walk goes on. kRevoked when the keys are revoked.
+  Outcome rewrap_file(int dir_fd, const std::string& entry, const std::string& where, uint32_t target,
+                      Tally& t);
   void report_progress(uint32_t target, const Tally& t);
   bool stopping();
   // Before each batch: waits as long as the pace asks (or until unmount); false: stop.

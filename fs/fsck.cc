@@ -152,8 +152,7 @@ FsckReport scan_dek_use(VolumeKeys& keys, int root_fd, bool quiet) {
 int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet) {
   auto volume = open_volume(cipher_dir, provider);
   if (!volume.ok()) {
-    AuditRecord a = audit_failure("fsck", volume.status());
-    a.cipher_dir = cipher_dir;
+    AuditRecord a = audit_failure("fsck", cipher_dir, volume.status());
     audit(a);
     std::fprintf(stderr, "envelopefs fsck: cannot open volume: %s\n", volume.status().to_string().c_str());
     return 2;

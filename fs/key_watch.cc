@@ -88,9 +88,7 @@ void KeyWatch::revoke(const std::string& why) {
 }
 
 void KeyWatch::record(const std::string& event, const std::string& outcome, const std::string& detail) {
-  AuditRecord r{event, outcome, to_hex(fs_.keys().volume_id()), cipher_dir_, "", detail};
-  if (auto c = load_config(cipher_dir_); c.ok()) r.root = c->root_uri;
-  audit_from_daemon(r);
+  audit_from_daemon({event, outcome, to_hex(fs_.keys().volume_id()), cipher_dir_, "", detail});
 }
 
 void KeyWatch::drop_kernel_caches() {

@@ -7,6 +7,8 @@
 #include <ctime>
 #include <mutex>
 
+#include "keyhierarchy/volume_config.h"
+
 namespace envelopefs {
 namespace {
 
@@ -72,7 +74,13 @@ void log_error_rate_limited(const std::string& msg) {
   emit(LOG_ERR, line);
 }
 
-void audit_from_daemon(const AuditRecord& record) {
+void audit_from_daemon(AuditRecord record) {
+  if (record.volume.empty() || record.root.empty()) {
+    if (auto c = load_config(record.cipher_dir); c.ok()) {
+      if (record.volume.empty()) record.volume = to_hex(c->volume_id);
+      if (record.root.empty()) record.root = c->root_uri;
+    }
+  }
   if (!audit(record)) log_error("cannot write the audit log " + audit_log_path());
 }
 

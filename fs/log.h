@@ -15,7 +15,8 @@ void log_error(const std::string& msg);
 // At most a few lines per second; the number suppressed is reported with the next line.
 void log_error_rate_limited(const std::string& msg);
 // An audit record from the daemon, whose stderr is gone: a record that cannot be written is
-// reported in this log instead.
-void audit_from_daemon(const AuditRecord& record);
+// reported in this log instead. A volume id or root the record leaves empty is taken from the
+// config in its cipher dir, when that can be read.
+void audit_from_daemon(AuditRecord record);
 
 }  // namespace envelopefs

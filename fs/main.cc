@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -55,8 +56,7 @@ int cmd_rewrap(const std::string& dir, const std::string& to, const ProviderOpti
   auto after = before.ok() ? rewrap_root(dir, current, to, next) : Result<VolumeConfig>(before.status());
   close(dfd);
   if (!after.ok()) {
-    AuditRecord r = audit_failure("rewrap", after.status());
-    r.cipher_dir = dir;
+    AuditRecord r = audit_failure("rewrap", dir, after.status());
     if (before.ok()) {
       r.volume = to_hex(before->volume_id);
       r.root = before->root_uri;
@@ -81,8 +81,7 @@ int cmd_rotate_dek(const std::string& dir, const ProviderOptions& po) {
   auto after = rotate_dek(dir, po);
   close(dfd);
   if (!after.ok()) {
-    AuditRecord r = audit_failure("rotate-dek", after.status());
-    r.cipher_dir = dir;
+    AuditRecord r = audit_failure("rotate-dek", dir, after.status());
     audit(r);
     std::fprintf(stderr, "envelopefs rotate-dek: %s\nnothing was changed\n", after.status().to_string().c_str());
     return 1;
@@ -113,8 +112,7 @@ int cmd_drop_dek(const std::string& dir, uint32_t version, bool yes, const Provi
   if (dfd < 0) return 1;
   auto refuse = [&](const Status& st) {
     close(dfd);
-    AuditRecord r = audit_failure("drop-dek", st);
-    r.cipher_dir = dir;
+    AuditRecord r = audit_failure("drop-dek", dir, st);
     r.detail = "DEK v" + std::to_string(version) + ": " + r.detail;
     audit(r);
     std::fprintf(stderr, "envelopefs drop-dek: %s\nnothing was changed\n", st.to_string().c_str());
@@ -123,12 +121,8 @@ int cmd_drop_dek(const std::string& dir, uint32_t version, bool yes, const Provi
   auto volume = open_volume(dir, po);
   if (!volume.ok()) return refuse(volume.status());
   const VolumeConfig& c = volume->config;
-  auto record = std::find_if(c.deks.begin(), c.deks.end(), [&](const DekRecord& d) { return d.version == version; });
-  if (record == c.deks.end()) return refuse(Status(Code::kNotFound, "the volume has no DEK version " + std::to_string(version)));
-  if (record->state == DekState::kActive) {
-    return refuse(Status(Code::kInvalidArgument, "DEK v" + std::to_string(version) +
-                                                     " is the active version (rotate-dek first)"));
-  }
+  // Refused before the scan, which may take a while; drop_dek() checks again.
+  if (Status st = check_droppable(c, version); !st.ok()) return refuse(st);
   int root = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (root < 0) return refuse(Status::Io(errno, "open " + dir));
   FsckReport scan = scan_dek_use(*volume->keys, root, !isatty(STDERR_FILENO));
@@ -188,8 +182,7 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
   opt.provider = po;
   auto v = create_volume(dir, opt);
   if (!v.ok()) {
-    AuditRecord r = audit_failure("init", v.status());
-    r.cipher_dir = dir;
+    AuditRecord r = audit_failure("init", dir, v.status());
     r.root = kms;
     audit(r);
     std::fprintf(stderr, "envelopefs init: %s\n", v.status().to_string().c_str());
@@ -324,6 +317,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else keep.push_back(o);
   }
   for (size_t i = 0; i < keep.size(); ++i) mo->fuse_options += (i ? "," : "") + keep[i];
+  mo->read_only = std::find(keep.begin(), keep.end(), "ro") != keep.end();  // passed on to the kernel too
 }
 
 }  // namespace

@@ -25,17 +25,6 @@
 namespace envelopefs {
 namespace {
 
-// True when the comma-separated `options` hold `name` (an option without a value).
-bool has_option(const std::string& options, const std::string& name) {
-  size_t start = 0;
-  while (start <= options.size()) {
-    const size_t end = std::min(options.find(',', start), options.size());
-    if (options.compare(start, end - start, name) == 0) return true;
-    start = end + 1;
-  }
-  return false;
-}
-
 // Tells the waiting parent how the start-up went: "OK" or an error message.
 class ReadyPipe {
  public:
@@ -139,13 +128,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   std::string cipher = absolute(o.cipher_dir);
   auto volume = open_volume(cipher, o.provider);
   if (!volume.ok()) {
-    AuditRecord r = audit_failure("mount", volume.status());
-    r.cipher_dir = cipher;
-    if (auto c = load_config(cipher); c.ok()) {
-      r.volume = to_hex(c->volume_id);
-      r.root = c->root_uri;
-    }
-    audit_from_daemon(r);
+    audit_from_daemon(audit_failure("mount", cipher, volume.status()));
     return fail(ready, o.foreground, "cannot open volume " + cipher + ": " + volume.status().to_string());
   }
   const AuditRecord mounted{"mount", "ok", to_hex(volume->config.volume_id), cipher, volume->config.root_uri,
@@ -204,7 +187,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   // Block keys left under an older DEK version by a rotation are moved to the active one in
   // the background, now if a walk is owed, and after each switch the watcher makes.
-  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher, has_option(o.fuse_options, "ro"),
+  std::optional<BlockRewrap> rewrap(std::in_place, fs, cipher, o.read_only,
                                     static_cast<unsigned>(o.rewrap_rate));
   std::optional<KeyWatch> watch;
   if (watch_root) {

@@ -16,6 +16,7 @@ struct MountOptions {
   bool allow_other = false;
   bool use_uring = true;
   std::string fuse_options;  // extra -o options for libfuse and the kernel
+  bool read_only = false;    // -o ro (also in fuse_options): the daemon writes nothing of its own
   std::string log_file;
   int threads = 8;
   // How requests reach the daemon: "dev" (/dev/fuse) or "io_uring" (FUSE over io_uring,

@@ -22,9 +22,10 @@ std::string audit_log_path() {
   return std::string(home ? home : "/tmp") + "/.local/state/envelopefs/audit.log";
 }
 
-AuditRecord audit_failure(std::string event, const Status& st) {
+AuditRecord audit_failure(std::string event, std::string cipher_dir, const Status& st) {
   AuditRecord r;
   r.event = std::move(event);
+  r.cipher_dir = std::move(cipher_dir);
   r.outcome = code_name(st.code());
   r.detail = st.to_string();
   return r;

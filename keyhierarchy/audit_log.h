@@ -30,8 +30,8 @@ struct AuditRecord {
   std::string detail;
 };
 
-// A failed operation's record: outcome is the error class, detail the message.
-AuditRecord audit_failure(std::string event, const Status& st);
+// A failed operation's record on `cipher_dir`: outcome is the error class, detail the message.
+AuditRecord audit_failure(std::string event, std::string cipher_dir, const Status& st);
 
 bool audit(const AuditRecord& record);
 

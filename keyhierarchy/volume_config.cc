@@ -148,9 +148,12 @@ Result<VolumeConfig> load_config(const std::string& cipher_dir) {
 }
 
 Status save_config(const std::string& cipher_dir, const VolumeConfig& config) {
-  std::string path = cipher_dir + "/" + kConfigFileName;
+  return replace_file(cipher_dir, kConfigFileName, config.serialize());
+}
+
+Status replace_file(const std::string& dir, const std::string& name, std::string_view text) {
+  std::string path = dir + "/" + name;
   std::string tmp = path + ".tmp";
-  std::string text = config.serialize();
   int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return Status::Io(errno, "cannot create " + tmp);
   size_t done = 0;
@@ -176,12 +179,12 @@ Status save_config(const std::string& cipher_dir, const VolumeConfig& config) {
     unlink(tmp.c_str());
     return Status::Io(err, "cannot rename " + tmp);
   }
-  int dfd = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return Status::Io(errno, "cannot open " + cipher_dir);
+  int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return Status::Io(errno, "cannot open " + dir);
   int rc = fsync(dfd);
   int err = errno;
   close(dfd);
-  if (rc != 0) return Status::Io(err, "cannot fsync " + cipher_dir);
+  if (rc != 0) return Status::Io(err, "cannot fsync " + dir);
   return Status::Ok();
 }
 

@@ -66,7 +66,10 @@ Status validate_block_size(uint64_t block_size);
 
 // Reads CIPHERDIR/envelopefs.conf. kNotFound if there is no volume there.
 Result<VolumeConfig> load_config(const std::string& cipher_dir);
-// Atomic replace: temp file, fsync, rename, fsync of the directory.
+// Atomic replace: temp file, fsync, rename, fsync of the directory (replace_file).
 Status save_config(const std::string& cipher_dir, const VolumeConfig& config);
+// Replaces `dir`/`name` with `text`, atomically and durably: `name`.tmp written and fsynced,
+// renamed over `name`, the directory fsynced. Mode 0600.
+Status replace_file(const std::string& dir, const std::string& name, std::string_view text);
 
 }  // namespace envelopefs

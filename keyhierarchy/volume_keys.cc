@@ -226,16 +226,22 @@ Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOpt
   return c;
 }
 
+Status check_droppable(const VolumeConfig& c, uint32_t version) {
+  auto it = std::find_if(c.deks.begin(), c.deks.end(), [&](const DekRecord& r) { return r.version == version; });
+  if (it == c.deks.end()) return Status(Code::kNotFound, "the volume has no DEK version " + std::to_string(version));
+  if (it->state == DekState::kActive) {
+    return Status(Code::kInvalidArgument,
+                  "DEK v" + std::to_string(version) + " is the active version (rotate-dek first)");
+  }
+  return Status::Ok();
+}
+
 Result<VolumeConfig> drop_dek(const std::string& cipher_dir, const ProviderOptions& options, uint32_t version) {
   auto u = unwrap_volume(cipher_dir, options);
   if (!u.ok()) return u.status();
   VolumeConfig& c = u->config;
-  auto it = std::find_if(c.deks.begin(), c.deks.end(), [&](const DekRecord& r) { return r.version == version; });
-  if (it == c.deks.end()) return Status(Code::kNotFound, "the volume has no DEK version " + std::to_string(version));
-  if (it->state == DekState::kActive) {
-    return Status(Code::kInvalidArgument, "DEK v" + std::to_string(version) + " is the active version");
-  }
-  c.deks.erase(it);
+  ENVELOPEFS_RETURN_IF_ERROR(check_droppable(c, version));
+  std::erase_if(c.deks, [&](const DekRecord& r) { return r.version == version; });
   auto mac = config_mac(c, u->deks.at(c.active_dek()->version));
   if (!mac.ok()) return mac.status();
   c.mac = *mac;

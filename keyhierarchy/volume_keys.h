@@ -97,17 +97,20 @@ Status recheck_root(const std::string& cipher_dir, const ProviderOptions& option
 
 // DEK rotation: a new random DEK version, wrapped by the root (and checked to unwrap), becomes
 // the active one; the one before is retired but stays, wrapped by the root, because blocks
-// written under it still need it. The config MAC moves to the new DEK. Blocks are not touched:
-// each keeps the DEK version it was sealed under until it is written again. A mounted volume
-// switches at its next key check (fs/key_watch.h).
+// written under it still need it. The config MAC moves to the new DEK. Blocks are not touched
+// here: a mounted volume switches at its next key check (fs/key_watch.h) and then re-wraps the
+// existing block keys under the new version (fs/block_rewrap.h).
 Result<VolumeConfig> rotate_dek(const std::string& cipher_dir, const ProviderOptions& options);
 
 // Removes retired DEK version `version` from the config (the config MAC checked through the
 // root first, and recomputed under the active DEK): crypto-shredding of whatever that version
 // still wraps, in this volume and in every copy of the cipher dir that takes this config. The
-// caller makes sure nothing of the volume needs it (fs/fsck.h, scan_dek_use). kNotFound if
-// the config has no such version; kInvalidArgument for the active one.
+// caller makes sure nothing of the volume needs it (fs/fsck.h, scan_dek_use). Refused as
+// check_droppable() refuses.
 Result<VolumeConfig> drop_dek(const std::string& cipher_dir, const ProviderOptions& options, uint32_t version);
+// Whether `c` has a DEK version `version` that drop_dek may remove: kNotFound if it has none,
+// kInvalidArgument for the active one.
+Status check_droppable(const VolumeConfig& c, uint32_t version);
 
 // The associated data of a root wrap (labels.h + volume id + version); public for tests.
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version);
