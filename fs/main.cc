@@ -350,7 +350,8 @@ int main(int argc, char** argv) {
                    "root key provider URI: file:/ABSOLUTE/PATH, pass:[?ops=N&mem-kib=N],\n"
                    "pkcs11:token=T;object=K?module-path=M&pin-source=file:P (RFC 7512; the key is\n"
                    "generated on the token if absent), or\n"
-                   "kmip://HOST:PORT/?name=K&ca=CA.pem&cert=CLIENT.pem&key=CLIENT.key (created if absent)\n"
+                   "kmip://HOST:PORT/?name=K&ca=CA.pem&cert=CLIENT.pem&key=CLIENT.key (created if absent),\n"
+                   "or exec:/ABSOLUTE/PATH[?ARG] (a program that wraps and unwraps; keyhierarchy/KEYS.md)\n"
                    "(default: file:" + default_root_key_path() + ", created if absent)");
   init->add_option("--block-size", block_size, "plaintext block size: 4096 (default) to 65536, a power of two");
   init->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");

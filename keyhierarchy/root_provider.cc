@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 
+#include "keyhierarchy/exec_provider.h"
 #include "keyhierarchy/file_provider.h"
 #include "keyhierarchy/kmip_provider.h"
 #include "keyhierarchy/pass_provider.h"
@@ -36,8 +37,10 @@ Result<std::unique_ptr<RootKeyProvider>> make_root_provider(const std::string& u
   }
   if (uri.rfind("pkcs11:", 0) == 0) return make_pkcs11_provider(uri, options, creating);
   if (uri.rfind("kmip://", 0) == 0) return make_kmip_provider(uri, creating);
+  if (uri.rfind("exec:", 0) == 0) return make_exec_provider(uri);
   return Status(Code::kUnsupported, "unknown key provider '" + uri +
-                                        "' (supported: file:/ABSOLUTE/PATH, pass:, pkcs11:URI, kmip://HOST:PORT/?...)");
+                                        "' (supported: file:/ABSOLUTE/PATH, pass:, pkcs11:URI, "
+                                        "kmip://HOST:PORT/?..., exec:/ABSOLUTE/PATH)");
 }
 
 }  // namespace envelopefs

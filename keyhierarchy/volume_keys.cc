@@ -64,6 +64,22 @@ Status check_dir_empty(const std::string& dir) {
   return Status::Ok();
 }
 
+// Wraps `key` under `provider` and unwraps it again: a wrap is only stored once it is known to
+// come back (a token that wraps but cannot unwrap would otherwise shred the volume).
+Result<Bytes> wrap_checked(RootKeyProvider& provider, const SecretBytes& key, const Bytes& context) {
+  auto wrapped = provider.wrap(key, context);
+  if (!wrapped.ok()) return wrapped.status();
+  auto back = provider.unwrap(*wrapped, context);
+  if (!back.ok()) {
+    Status st = back.status();
+    return st.prefix("the root key provider wraps but does not unwrap");
+  }
+  if (!ct_equal(back->view(), key.view())) {
+    return Status(Code::kInternal, "the root key provider unwrapped a different key than it wrapped");
+  }
+  return wrapped;
+}
+
 }  // namespace
 
 Bytes wrap_context(const char* label, const VolumeId& volume_id, uint32_t version) {
@@ -96,9 +112,10 @@ Result<OpenedVolume> create_volume(const std::string& cipher_dir, const CreateOp
   auto name_key = SecretBytes::random(kSivKeySize);
   if (!dek.ok()) return dek.status();
   if (!name_key.ok()) return name_key.status();
-  auto wrapped_dek = (*provider)->wrap(*dek, wrap_context(labels::kWrapDek, c.volume_id, 1));
+  // Each wrap is unwrapped again before the config is written, as rewrap and rotate-dek do.
+  auto wrapped_dek = wrap_checked(**provider, *dek, wrap_context(labels::kWrapDek, c.volume_id, 1));
   if (!wrapped_dek.ok()) return wrapped_dek.status();
-  auto wrapped_name = (*provider)->wrap(*name_key, wrap_context(labels::kWrapNameKey, c.volume_id, 0));
+  auto wrapped_name = wrap_checked(**provider, *name_key, wrap_context(labels::kWrapNameKey, c.volume_id, 0));
   if (!wrapped_name.ok()) return wrapped_name.status();
   c.deks.push_back({1, DekState::kActive, std::move(wrapped_dek).value(), now_utc()});
   c.wrapped_name_key = std::move(wrapped_name).value();
@@ -143,22 +160,6 @@ Status unwrap_all(const VolumeConfig& c, RootKeyProvider& provider, std::map<uin
   if (name->size() != kSivKeySize) return Status(Code::kCorrupt, "name key has the wrong size");
   *name_key = std::move(name).value();
   return Status::Ok();
-}
-
-// Wraps `key` under `provider` and unwraps it again: a wrap is only stored once it is known to
-// come back (a token that wraps but cannot unwrap would otherwise shred the volume).
-Result<Bytes> wrap_checked(RootKeyProvider& provider, const SecretBytes& key, const Bytes& context) {
-  auto wrapped = provider.wrap(key, context);
-  if (!wrapped.ok()) return wrapped.status();
-  auto back = provider.unwrap(*wrapped, context);
-  if (!back.ok()) {
-    Status st = back.status();
-    return st.prefix("the new root wraps but does not unwrap");
-  }
-  if (!ct_equal(back->view(), key.view())) {
-    return Status(Code::kInternal, "the new root returned a different key than it wrapped");
-  }
-  return wrapped;
 }
 
 // A volume's config with every key it wraps, unwrapped through its root.

@@ -4,6 +4,8 @@
 init generates the key on the token; mount unwraps through the token; every way the token
 can refuse (wrong PIN, key gone, token gone, an altered wrapped key, a key that could leave
 the token) fails closed with a message that says which, and nothing is mounted.
+The exec: provider (an external program holds the root) gets the same treatment at the end,
+through the RSA-OAEP reference program in tests/tools.
 """
 import base64
 import errno
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import BIN, Volume, is_mounted, main, read_file, run, wait_for, write_file  # noqa: E402
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+EXEC_ROOT_RSA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "exec_root_rsa.sh")
 UTIL = shutil.which("softhsm2-util")
 USER_PIN, SO_PIN = "4711-user", "0815-so"
 
@@ -496,6 +499,97 @@ class RevocationTest(TokenTest):
         os.rename(self.vol.key + ".away", self.vol.key)
         self.assertTrue(wait_for(lambda: not revoked(self.vol.path("f"))))
         self.assertEqual(read_file(self.vol.path("f")), b"data")
+
+
+class ExecProgramTest(unittest.TestCase):
+    """exec:PROGRAM?DIR: the root is an RSA key pair that only the program uses."""
+
+    def setUp(self):
+        self.vol = Volume(init=False)
+        self.audit_log = os.path.join(self.vol.root, "audit.log")
+        self.saved_audit = os.environ.get("ENVELOPEFS_AUDIT_LOG")
+        os.environ["ENVELOPEFS_AUDIT_LOG"] = self.audit_log
+        self.keys = os.path.join(self.vol.root, "keys")
+        os.mkdir(self.keys, 0o700)
+        run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+             "-out", os.path.join(self.keys, "root.pem")])
+        run(["openssl", "pkey", "-in", os.path.join(self.keys, "root.pem"), "-pubout",
+             "-out", os.path.join(self.keys, "root.pub.pem")])
+        self.program = os.path.join(self.vol.root, "exec_root_rsa.sh")
+        shutil.copy(EXEC_ROOT_RSA, self.program)
+        os.chmod(self.program, 0o700)
+        self.uri = f"exec:{self.program}?{self.keys}"
+
+    def tearDown(self):
+        self.vol.cleanup()
+        if self.saved_audit is None:
+            os.environ.pop("ENVELOPEFS_AUDIT_LOG", None)
+        else:
+            os.environ["ENVELOPEFS_AUDIT_LOG"] = self.saved_audit
+
+    def test_a_volume_mounts_through_the_program_and_stops_when_the_key_goes(self):
+        r = run([BIN, "init", "--kms", self.uri, self.vol.cipher])
+        self.assertIn("external key command " + self.program, r.stdout)
+        self.vol.mount("--key-check-interval", "1", "--key-unreachable-grace", "3600")
+        data = os.urandom(50_000)
+        write_file(self.vol.path("f"), data, fsync=True)
+        status = run([BIN, "status", self.vol.mnt]).stdout
+        self.assertIn("key provider: " + self.uri, status)
+
+        # The private key moved away: the program refuses (77), which is no reason to wait
+        # out the unreachable grace.
+        os.rename(os.path.join(self.keys, "root.pem"), os.path.join(self.keys, "root.pem.away"))
+        self.assertTrue(wait_for(lambda: revoked(self.vol.path("f")), timeout=15), "the mount kept serving")
+        self.assertIn("the private key is gone", self.vol.log_text())
+        os.rename(os.path.join(self.keys, "root.pem.away"), os.path.join(self.keys, "root.pem"))
+        self.assertTrue(wait_for(lambda: not revoked(self.vol.path("f"))), "the mount did not resume")
+        self.assertEqual(read_file(self.vol.path("f")), data)
+
+        # The key directory unreachable (75): trusted for the grace period.
+        os.rename(self.keys, self.keys + ".away")
+        self.assertTrue(wait_for(lambda: "keys kept for up to 3600 s" in self.vol.log_text(), timeout=15))
+        self.assertEqual(read_file(self.vol.path("f")), data)
+        os.rename(self.keys + ".away", self.keys)
+
+        self.vol.unmount()
+        os.rename(os.path.join(self.keys, "root.pem"), os.path.join(self.keys, "root.pem.away"))
+        self.vol.mount_refused("access denied", "the private key is gone")
+        os.rename(os.path.join(self.keys, "root.pem.away"), os.path.join(self.keys, "root.pem"))
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("f")), data)
+
+        # The key watcher's findings are audited.
+        with open(self.audit_log) as f:
+            events = [json.loads(line)["event"] for line in f]
+        self.assertIn("revoked", events)
+        self.assertIn("restored", events)
+        self.vol.unmount()
+
+    def test_a_file_volume_moves_onto_the_program_and_back(self):
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        self.vol.mount()
+        write_file(self.vol.path("f"), b"before the move", fsync=True)
+        run([BIN, "rewrap", "--to", self.uri, self.vol.cipher])
+        with open(os.path.join(self.vol.cipher, "envelopefs.conf")) as f:
+            self.assertEqual(json.load(f)["root"]["uri"], self.uri)
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("f")), b"before the move")
+        # The old key file is no longer needed ...
+        os.rename(self.vol.key, self.vol.key + ".away")
+        self.vol.remount()
+        self.assertEqual(read_file(self.vol.path("f")), b"before the move")
+        # ... and a program that cannot unwrap what it wrapped is refused before anything changes.
+        broken = os.path.join(self.vol.root, "broken.sh")
+        with open(broken, "w") as f:
+            f.write("#!/bin/sh\nif [ \"$1\" = wrap ]; then cat; else exit 65; fi\n")
+        os.chmod(broken, 0o700)
+        with open(os.path.join(self.vol.cipher, "envelopefs.conf"), "rb") as f:
+            before = f.read()
+        r = run([BIN, "rewrap", "--to", "exec:" + broken, self.vol.cipher], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("wraps but does not unwrap", r.stderr)
+        with open(os.path.join(self.vol.cipher, "envelopefs.conf"), "rb") as f:
+            self.assertEqual(f.read(), before)
 
 
 if __name__ == "__main__":
