@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
                    "pkcs11:token=T;object=K?module-path=M&pin-source=file:P (RFC 7512; the key is\n"
                    "generated on the token if absent), or\n"
                    "kmip://HOST:PORT/?name=K&ca=CA.pem&cert=CLIENT.pem&key=CLIENT.key (created if absent),\n"
-                   "or exec:/ABSOLUTE/PATH[?ARG] (a program that wraps and unwraps; keyhierarchy/KEYS.md)\n"
+                   "or exec:/ABSOLUTE/PATH[?ARG] (a program that wraps and unwraps; see envelopefs(1))\n"
                    "(default: file:" + default_root_key_path() + ", created if absent)");
   init->add_option("--block-size", block_size, "plaintext block size: 4096 (default) to 65536, a power of two");
   init->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
@@ -398,7 +398,7 @@ int main(int argc, char** argv) {
 
   auto* unmount = app.add_subcommand("unmount", "unmount a mounted volume (keys are zeroized)");
   unmount->alias("umount");
-  unmount->add_option("MOUNTPOINT", mountpoint)->required();
+  unmount->add_option("MOUNTPOINT", mountpoint, "where the volume is mounted")->required();
 
   auto* status = app.add_subcommand("status", "describe a volume (never prints key material)");
   status->add_flag("--json", json, "machine-readable output");
@@ -412,14 +412,14 @@ int main(int argc, char** argv) {
   rewrap->add_option("--to", rewrap_to, "the new root key provider URI (as for init --kms)")->required();
   rewrap->add_option("--passfile", po.passfile, "the current root's passphrase / PIN file");
   rewrap->add_option("--new-passfile", next_po.passfile, "the new root's passphrase / PIN file");
-  rewrap->add_option("CIPHERDIR", dir)->required();
+  rewrap->add_option("CIPHERDIR", dir, "the volume's cipher dir")->required();
 
   auto* rotate = app.add_subcommand(
       "rotate-dek", "make a new DEK version the active one: new writes are sealed under it, and the\n"
                     "mount re-wraps every existing block key under it in the background (metadata\n"
                     "pages only); no data is re-encrypted; older versions are kept (see drop-dek)");
   rotate->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
-  rotate->add_option("CIPHERDIR", dir)->required();
+  rotate->add_option("CIPHERDIR", dir, "the volume's cipher dir")->required();
 
   uint32_t drop_version = 0;
   bool yes = false;
@@ -429,19 +429,21 @@ int main(int argc, char** argv) {
   drop->add_option("--version", drop_version, "the DEK version to drop (see status)")->required();
   drop->add_flag("--yes", yes, "really drop it (without: only check that it is unused)");
   drop->add_option("--passfile", po.passfile, "the root's passphrase / PIN file");
-  drop->add_option("CIPHERDIR", dir)->required();
+  drop->add_option("CIPHERDIR", dir, "the volume's cipher dir")->required();
 
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
   fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
-  fsck->add_option("CIPHERDIR", dir)->required();
+  fsck->add_option("CIPHERDIR", dir, "the volume's cipher dir")->required();
 
   std::vector<char*> cargv;
   for (auto& a : args) cargv.push_back(a.data());
   try {
     app.parse(static_cast<int>(cargv.size()), cargv.data());
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version exit 0; every usage error 2, as the -o checks below (CLI11's own
+    // codes are 100 and up).
+    return app.exit(e) == 0 ? 0 : 2;
   }
 
   if (*init) return cmd_init(dir, kms, block_size, po);
