@@ -11,7 +11,8 @@ import time
 import unittest
 
 from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run, wait_for
-from test_db_crash import check_sqlite_crash
+from test_databases import pg_bin
+from test_db_crash import check_postgres_crash, check_sqlite_crash
 from test_dek_rotation import dek_versions_in_use
 
 CUTFS = os.environ.get("CUTFS_BIN", os.path.join(os.path.dirname(__file__), "../../build/tests/cutfs"))
@@ -132,6 +133,16 @@ class PowerLoss(unittest.TestCase):
             check_sqlite_crash(self, self.vol, mode, sync, self.power_cut)
             self.vol.unmount()
             self.fsck_clean()
+
+    @unittest.skipUnless(pg_bin(), "PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
+    def test_postgres_keeps_every_acknowledged_commit_through_a_power_cut(self):
+        # PostgreSQL's defaults (fsync on, synchronous_commit on, full_page_writes on): a
+        # commit is acknowledged once its WAL is fdatasynced, and a new WAL segment's directory
+        # entry is fsynced before it is used. All of it must reach the disk through the mount.
+        self.vol.mount("--allow-other")
+        check_postgres_crash(self, self.vol, self.power_cut)
+        self.vol.unmount()
+        self.fsck_clean()
 
     def test_repeated_cuts_with_overwrites(self):
         self.vol.mount()
