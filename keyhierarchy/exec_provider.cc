@@ -24,8 +24,10 @@ namespace {
 
 constexpr int kDefaultTimeout = 30;
 constexpr int kMaxTimeout = 3600;
-// Far more than any wrapped key; a program that writes more is not speaking the protocol.
-constexpr size_t kMaxOutput = 64 * 1024;
+// Far more than any wrapped key (an RSA-4096 block is 684 characters of base64); a program that
+// writes more is not speaking the protocol. Small enough that what we store, written back to
+// the program as its next unwrap's input, fits an empty pipe (64 KiB) in one write.
+constexpr size_t kMaxOutput = 16 * 1024;
 // How much of the program's stderr a message quotes: its last line, this long at most.
 constexpr size_t kQuoted = 200;
 // The program's own descriptors: stdin/stdout/stderr, then itself (a script's interpreter opens
@@ -131,10 +133,19 @@ struct Run {
   dfl.sa_handler = SIG_DFL;
   sigaction(SIGPIPE, &dfl, nullptr);  // the daemon ignores it; the program should not inherit that
   setpgid(0, 0);                      // its own group, so a timeout kills what it started too
-  // Everything above the standard descriptors first, so the dup2s below cannot overwrite a source.
-  int p = fcntl(program, F_DUPFD, 10), e = fcntl(exec_error, F_DUPFD, 10);
-  if (p < 0 || e < 0 || dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0 || dup2(p, kProgramFd) < 0 ||
-      dup2(e, kExecErrorFd) < 0 || fcntl(kExecErrorFd, F_SETFD, FD_CLOEXEC) < 0 ||
+  // Every source moved above the targets first, so that no dup2 below overwrites a source
+  // (or is a no-op that keeps close-on-exec, when a caller started with 0-2 closed).
+  const int from[] = {in, out, err, program, exec_error};
+  const int to[] = {0, 1, 2, kProgramFd, kExecErrorFd};
+  int moved[5];
+  for (int i = 0; i < 5; ++i) {
+    moved[i] = fcntl(from[i], F_DUPFD, 10);
+    if (moved[i] < 0) _exit(127);
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (dup2(moved[i], to[i]) < 0) _exit(127);
+  }
+  if (fcntl(kExecErrorFd, F_SETFD, FD_CLOEXEC) < 0 ||
       syscall(SYS_close_range, kExecErrorFd + 1, ~0U, 0) != 0) {
     _exit(127);
   }
@@ -202,7 +213,8 @@ Result<Run> run_program(const std::string& path, const std::vector<std::string>&
   close_fd(&ex[1]);
 
   Run run;
-  // The input is a line of base64, far below PIPE_BUF: one write into the empty pipe.
+  // The input is a key or a stored answer (at most kMaxOutput) as base64: one write into the
+  // empty pipe, which holds 64 KiB, cannot block even if the program never reads it.
   (void)!write(in[1], input.data(), input.size());
   close_fd(&in[1]);
 
@@ -292,7 +304,7 @@ class ExecProvider final : public RootKeyProvider {
       return Status(Code::kUnreachable,
                     who + " did not answer within " + std::to_string(run->timeout) + " s and was killed");
     }
-    if (run->too_long) return Status(Code::kCorrupt, who + " wrote more than 64 KiB; killed");
+    if (run->too_long) return Status(Code::kCorrupt, who + " wrote more than 16 KiB; killed");
     const int ws = run->wait_status;
     if (WIFSIGNALED(ws)) {
       return Status(Code::kUnreachable,
