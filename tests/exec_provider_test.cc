@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "keyhierarchy/root_provider.h"
 #include "keyhierarchy/volume_keys.h"
@@ -18,13 +17,14 @@
 namespace envelopefs {
 namespace {
 
+using test::slurp;
 using test::TempDir;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
+// A fresh 32-byte key to wrap.
+SecretBytes a_key() {
+  auto key = SecretBytes::random(32);
+  EXPECT_TRUE(key.ok());
+  return key.ok() ? std::move(key).value() : SecretBytes(32);
 }
 
 // A program of the test's own in `d`, mode 0700 unless told.
@@ -90,14 +90,13 @@ TEST(ExecProvider, AWrapOnlyUnwrapsUnderItsOwnContext) {
   TempDir d;
   auto p = provider(rsa_root(d));
   ASSERT_TRUE(p.ok()) << p.status().to_string();
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
-  auto wrapped = (*p)->wrap(*key, context(1));
+  SecretBytes key = a_key();
+  auto wrapped = (*p)->wrap(key, context(1));
   ASSERT_TRUE(wrapped.ok()) << wrapped.status().to_string();
   EXPECT_EQ(wrapped->size(), 256u);  // an RSA-2048 block: the program's answer, decoded
   auto back = (*p)->unwrap(*wrapped, context(1));
   ASSERT_TRUE(back.ok()) << back.status().to_string();
-  EXPECT_TRUE(ct_equal(back->view(), key->view()));
+  EXPECT_TRUE(ct_equal(back->view(), key.view()));
   EXPECT_EQ((*p)->unwrap(*wrapped, context(2)).status().code(), Code::kAuthFailed);
   Bytes altered = *wrapped;
   altered[100] ^= 1;
@@ -115,12 +114,11 @@ TEST(ExecProvider, KeyMaterialReachesTheProgramOnlyThroughItsStandardInput) {
                                ".stdin; cat " + rec + ".stdin") +
                     "?an-argument");
   ASSERT_TRUE(p.ok()) << p.status().to_string();
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
-  auto wrapped = (*p)->wrap(*key, context(3));
+  SecretBytes key = a_key();
+  auto wrapped = (*p)->wrap(key, context(3));
   ASSERT_TRUE(wrapped.ok()) << wrapped.status().to_string();
-  EXPECT_TRUE(ct_equal(*wrapped, key->view()));
-  const std::string b64 = base64_encode(key->view());
+  EXPECT_TRUE(ct_equal(*wrapped, key.view()));
+  const std::string b64 = base64_encode(key.view());
   EXPECT_EQ(slurp(rec + ".stdin"), b64 + "\n");
   EXPECT_EQ(slurp(rec + ".argv"), "wrap an-argument\n");
   const std::string env = slurp(rec + ".env");
@@ -134,24 +132,22 @@ TEST(ExecProvider, ACallerWithoutStandardDescriptorsStillGivesTheProgramItsOwn) 
   TempDir d;
   auto p = provider("exec:" + script(d, "echo", "cat"));
   ASSERT_TRUE(p.ok());
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
+  SecretBytes key = a_key();
   int saved[3];
   for (int fd = 0; fd < 3; ++fd) saved[fd] = dup(fd);
   for (int fd = 0; fd < 3; ++fd) close(fd);
-  auto wrapped = (*p)->wrap(*key, context(7));
+  auto wrapped = (*p)->wrap(key, context(7));
   for (int fd = 0; fd < 3; ++fd) {
     dup2(saved[fd], fd);
     close(saved[fd]);
   }
   ASSERT_TRUE(wrapped.ok()) << wrapped.status().to_string();
-  EXPECT_TRUE(ct_equal(*wrapped, key->view()));
+  EXPECT_TRUE(ct_equal(*wrapped, key.view()));
 }
 
 TEST(ExecProvider, EveryWayAProgramCanFailIsAnErrorOfTheRightKind) {
   TempDir d;
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
+  SecretBytes key = a_key();
   struct Case {
     std::string body;
     Code code;
@@ -170,9 +166,10 @@ TEST(ExecProvider, EveryWayAProgramCanFailIsAnErrorOfTheRightKind) {
   };
   int i = 0;
   for (const Case& c : cases) {
-    auto p = provider("exec:" + script(d, "p" + std::to_string(i++), c.body));
+    std::string name = std::to_string(i++);  // not "p" + to_string: GCC 12 misreads it (-Wrestrict)
+    auto p = provider("exec:" + script(d, name, c.body));
     ASSERT_TRUE(p.ok()) << p.status().to_string();
-    auto r = (*p)->wrap(*key, context(4));
+    auto r = (*p)->wrap(key, context(4));
     EXPECT_EQ(r.status().code(), c.code) << c.body << ": " << r.status().to_string();
     EXPECT_NE(r.status().message().find(c.said), std::string::npos)
         << c.body << ": " << r.status().to_string();
@@ -183,11 +180,10 @@ TEST(ExecProvider, AProgramThatDoesNotAnswerIsKilledAtTheTimeout) {
   TempDir d;
   auto p = provider("exec:" + script(d, "slow", "sleep 60 & sleep 60"));
   ASSERT_TRUE(p.ok());
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
+  SecretBytes key = a_key();
   setenv("ENVELOPEFS_EXEC_TIMEOUT", "1", 1);
   const auto start = std::chrono::steady_clock::now();
-  auto r = (*p)->wrap(*key, context(5));
+  auto r = (*p)->wrap(key, context(5));
   const auto took = std::chrono::steady_clock::now() - start;
   unsetenv("ENVELOPEFS_EXEC_TIMEOUT");
   EXPECT_EQ(r.status().code(), Code::kUnreachable);
@@ -213,13 +209,12 @@ TEST(ExecProvider, OnlyASafeAbsoluteProgramIsRun) {
   std::string prog = script(d, "later", "cat");
   auto p = provider("exec:" + prog);
   ASSERT_TRUE(p.ok());
-  auto key = SecretBytes::random(32);
-  ASSERT_TRUE(key.ok());
-  ASSERT_TRUE((*p)->wrap(*key, context(6)).ok());
+  SecretBytes key = a_key();
+  ASSERT_TRUE((*p)->wrap(key, context(6)).ok());
   chmod(prog.c_str(), 0777);
-  EXPECT_EQ((*p)->wrap(*key, context(6)).status().code(), Code::kInvalidArgument);
+  EXPECT_EQ((*p)->wrap(key, context(6)).status().code(), Code::kInvalidArgument);
   std::filesystem::remove(prog);
-  EXPECT_EQ((*p)->wrap(*key, context(6)).status().code(), Code::kUnreachable);
+  EXPECT_EQ((*p)->wrap(key, context(6)).status().code(), Code::kUnreachable);
 }
 
 }  // namespace

@@ -2,9 +2,6 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
-#include <fstream>
-#include <sstream>
-
 #include "crypto/labels.h"
 #include "keyhierarchy/kmip_ttlv.h"
 #include "keyhierarchy/volume_keys.h"
@@ -13,18 +10,10 @@
 namespace envelopefs {
 namespace {
 
+using test::slurp;
+using test::spit;
 using test::TempDir;
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-void spit(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << text;
-}
 
 ProviderOptions no_prompt() {
   ProviderOptions o;

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include "crypto/bytes.h"
@@ -27,6 +29,18 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// A whole file as text, and a whole file written from text.
+inline std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+inline void spit(const std::string& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f << text;
+}
 
 inline Bytes hex(std::string_view h) {
   Bytes b;

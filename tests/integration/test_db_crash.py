@@ -43,6 +43,24 @@ SQLITE_WRITER = textwrap.dedent("""
 """)
 
 
+def acked_through_crash(test, writer, at_least, crash):
+    """Reads the numbers `writer` prints as commits are acknowledged until `at_least` of them,
+    calls `crash`, and returns the last number it printed before it stopped."""
+    acked = 0
+    deadline = time.time() + 60
+    while acked < at_least and time.time() < deadline:
+        line = writer.stdout.readline()
+        if not line:
+            break
+        acked = int(line)
+    test.assertGreaterEqual(acked, at_least, writer.stderr.read() if writer.poll() is not None else "too slow")
+    crash()
+    out, _ = writer.communicate(timeout=60)
+    for line in out.split():
+        acked = int(line)
+    return acked
+
+
 def check_sqlite_crash(test, vol, mode, sync, crash):
     """Runs SQLITE_WRITER on `vol` until 300 transactions are acknowledged, calls `crash`,
     mounts again, and checks the database: intact, no acknowledged transaction lost, none half
@@ -50,19 +68,8 @@ def check_sqlite_crash(test, vol, mode, sync, crash):
     db = vol.path(f"{mode}.db")
     child = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, mode, sync],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    acked = 0
-    deadline = time.time() + 60
     # Journal files are created and removed by each transaction in DELETE mode.
-    while acked < 300 and time.time() < deadline:
-        line = child.stdout.readline()
-        if not line:
-            break
-        acked = int(line)
-    test.assertGreaterEqual(acked, 300, child.stderr.read() if child.poll() is not None else "too slow")
-    crash()
-    out, _ = child.communicate(timeout=60)
-    for line in out.split():
-        acked = int(line)
+    acked = acked_through_crash(test, child, 300, crash)
     vol.mount("--allow-other")
     con = sqlite3.connect(db)
     try:
@@ -114,17 +121,7 @@ def check_postgres_crash(test, vol, crash):
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         writer = subprocess.Popen([sys.executable, "-c", PG_WRITER, json.dumps(psql)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while acked < 40 and time.time() < deadline:
-            line = writer.stdout.readline()
-            if not line:
-                break
-            acked = int(line)
-        test.assertGreaterEqual(acked, 40, writer.stderr.read() if writer.poll() is not None else "too slow")
-        crash()
-        out, _ = writer.communicate(timeout=60)
-        for line in out.split():
-            acked = int(line)
+        acked = acked_through_crash(test, writer, 40, crash)
         bench.wait(timeout=60)
     finally:
         # The server cannot reach its data any more: stop it and whatever it forked.
