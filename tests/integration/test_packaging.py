@@ -75,6 +75,17 @@ class ManPageTest(unittest.TestCase):
                 for name in names:
                     self.assertTrue(name in page, f"-o {name} is not in the man page")
 
+    def test_the_exit_statuses_it_states_for_usage(self):
+        # EXIT STATUS: 2 for a usage error (CLI11's own codes were 100 and up), 0 for --help.
+        self.assertIn("2 for a usage error", man_source())
+        for args in (["mount"], ["no-such-command"], ["init", "--block-size", "x", "/tmp/d"],
+                     ["mount", "-o", "rewrap_rate=-1", "/tmp/c", "/tmp/m"]):
+            r = run([BIN, *args], check=False)
+            self.assertEqual(r.returncode, 2, f"{args}: {r.stderr}")
+            self.assertNotEqual(r.stderr, "", args)
+        for args in (["--help"], ["mount", "--help"], ["--version"]):
+            self.assertEqual(run([BIN, *args], check=False).returncode, 0, args)
+
     def test_every_environment_variable_the_code_reads_is_documented(self):
         found = set()
         for folder in ("crypto", "keyhierarchy", "fs"):
