@@ -213,8 +213,9 @@ Result<Run> run_program(const std::string& path, const std::vector<std::string>&
   close_fd(&ex[1]);
 
   Run run;
-  // The input is a key or a stored answer (at most kMaxOutput) as base64: one write into the
-  // empty pipe, which holds 64 KiB, cannot block even if the program never reads it.
+  // The input is a key or a stored answer (at most kMaxOutput, ExecProvider::unwrap) as base64:
+  // one write into the empty pipe, which holds 64 KiB, cannot block even if the program never
+  // reads it.
   (void)!write(in[1], input.data(), input.size());
   close_fd(&in[1]);
 
@@ -284,6 +285,13 @@ class ExecProvider final : public RootKeyProvider {
     return Bytes(out->data(), out->data() + out->size());
   }
   Result<SecretBytes> unwrap(ByteView wrapped, ByteView context) override {
+    // What we stored is at most an answer long, so its line fits an empty pipe (run_program's
+    // one write). A longer one came from an edited config: refused, not written to a program
+    // that may never read it.
+    if (wrapped.size() > kMaxOutput) {
+      return Status(Code::kCorrupt, "wrapped key of " + std::to_string(wrapped.size()) +
+                                        " bytes: longer than any answer of key command " + path_);
+    }
     return ask("unwrap", wrapped, context);
   }
 

@@ -193,6 +193,18 @@ TEST(ExecProvider, AProgramThatDoesNotAnswerIsKilledAtTheTimeout) {
   EXPECT_LT(took, std::chrono::seconds(10));
 }
 
+TEST(ExecProvider, AWrappedKeyLongerThanAnyAnswerIsRefusedUnsent) {
+  // 50,000 bytes are 66,668 characters of base64: more than an empty pipe holds, so a write of
+  // them to a program that never reads would wait for as long as the program lives.
+  TempDir d;
+  auto p = provider("exec:" + script(d, "deaf", "sleep 30"));
+  ASSERT_TRUE(p.ok());
+  const auto start = std::chrono::steady_clock::now();
+  auto r = (*p)->unwrap(Bytes(50000, 1), context(8));
+  EXPECT_EQ(r.status().code(), Code::kCorrupt) << r.status().to_string();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
 TEST(ExecProvider, OnlyASafeAbsoluteProgramIsRun) {
   TempDir d;
   EXPECT_EQ(provider("exec:relative/prog").status().code(), Code::kInvalidArgument);
