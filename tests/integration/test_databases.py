@@ -1,5 +1,6 @@
-"""Databases on the mount: SQLite in WAL mode and PostgreSQL (initdb, pgbench, amcheck), both
-checked clean after a remount. PostgreSQL runs as user postgres through --allow-other."""
+"""Databases on the mount: SQLite in WAL mode, PostgreSQL (initdb, pgbench, amcheck) and
+RocksDB (db_bench with buffered, O_DIRECT and mmap file access), all checked clean after a
+remount. PostgreSQL runs as user postgres through --allow-other."""
 import glob
 import os
 import pwd
@@ -97,6 +98,39 @@ class Postgres(VolumeTest):
             self.assertEqual(int(r.stdout.strip()), 200000)
         finally:
             self.as_pg(*stop, check=False)
+
+
+@unittest.skipUnless(shutil.which("db_bench") and shutil.which("ldb"),
+                     "RocksDB's tools are not installed (apt-get install rocksdb-tools)")
+class RocksDB(VolumeTest):
+    # The three ways RocksDB reaches its files; each database gets its own.
+    MODES = {
+        "buffered": [],
+        "direct": ["--use_direct_reads=1", "--use_direct_io_for_flush_and_compaction=1"],
+        "mmap": ["--mmap_read=1", "--mmap_write=1"],
+    }
+    N = 50000
+
+    def db_bench(self, db, benchmarks, *args):
+        return run(["db_bench", f"--db={db}", f"--benchmarks={benchmarks}", f"--num={self.N}",
+                    "--value_size=400", "--compression_type=none", "--seed=1", *args]).stdout
+
+    def test_db_bench_buffered_direct_and_mmap_then_checked_after_remount(self):
+        for mode, args in self.MODES.items():
+            # Every key once in order, then overwrites in random order; a small memtable and
+            # small table files, so flushes and compactions run during the load.
+            out = self.db_bench(self.vol.path(mode), "fillseq,overwrite,compact,readrandom,readseq",
+                                "--write_buffer_size=1048576", "--target_file_size_base=2097152", *args)
+            self.assertIn(f"({self.N} of {self.N} found)", out, mode)
+        self.vol.remount()
+        for mode, args in self.MODES.items():
+            db = self.vol.path(mode)
+            self.assertIn("OK", run(["ldb", f"--db={db}", "checkconsistency"]).stdout)
+            out = self.db_bench(db, "verifychecksum,readrandom", "--use_existing_db=1", *args)
+            self.assertIn(f"({self.N} of {self.N} found)", out, mode)
+            keys = run(["ldb", f"--db={db}", "scan", "--no_value", "--key_hex"]).stdout.splitlines()
+            self.assertEqual(len(keys), self.N, mode)
+            self.assertEqual(len(set(keys)), self.N, mode)
 
 
 @unittest.skipUnless(shutil.which("fio"), "fio is not installed (apt-get install fio)")
