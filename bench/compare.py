@@ -6,7 +6,8 @@ gocryptfs securefs). Everything runs back to back in one invocation and is
 reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
 
   sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
-                                [--no-pgbench] [--no-tree] [--no-fio] [--no-spread] [--repeat N]
+                                [--no-pgbench] [--no-rocksdb] [--no-tree] [--no-fio]
+                                [--no-spread] [--repeat N]
                                 [--out results.md]
 """
 import argparse
@@ -266,6 +267,31 @@ def run_pgbench(fs, seconds):
         shutil.rmtree(sock, ignore_errors=True)
 
 
+def run_rocksdb(fs, seconds):
+    """RocksDB's db_bench (rocksdb-tools): a bulk load in key order, point reads of that
+    database from a cold cache (an 8 MiB block cache, so reads reach the filesystem), and
+    random writes each fsynced through the WAL (sync=1)."""
+    if not shutil.which("db_bench"):
+        return {}
+    db = os.path.join(fs.mnt, "rocksdb")
+    common = [f"--db={db}", "--value_size=400", "--compression_type=none", "--num=300000", "--seed=1"]
+
+    def ops(benchmarks, *args):
+        r = sh(["db_bench", f"--benchmarks={benchmarks}", *common, *args])
+        line = [l for l in r.stdout.splitlines() if l.startswith(benchmarks)][0]
+        return float(line.split("micros/op")[1].split()[0])
+
+    try:
+        res = {"rocksdb fillseq ops/s": ops("fillseq")}
+        drop_caches()
+        res["rocksdb readrandom ops/s"] = ops("readrandom", "--use_existing_db=1", "--threads=2",
+                                              "--cache_size=8388608", f"--duration={seconds}")
+        res["rocksdb sync write ops/s"] = ops("fillrandom", "--sync=1", f"--duration={seconds}")
+        return res
+    finally:
+        shutil.rmtree(db, ignore_errors=True)
+
+
 def median(values):
     v = sorted(x for x in values if x is not None)
     if not v:
@@ -356,6 +382,9 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated subset of: ext4,passthrough,passthrough-wb,envelopefs,envelopefs-uring,envelopefs-direct,gocryptfs,securefs")
     ap.add_argument("--tree", default="/usr/include", help="directory tree for the cp -r phase")
     ap.add_argument("--no-pgbench", action="store_true")
+    ap.add_argument("--rocksdb-seconds", type=int, default=8,
+                    help="length of db_bench's random read and synchronous write phases")
+    ap.add_argument("--no-rocksdb", action="store_true")
     ap.add_argument("--no-tree", action="store_true")
     ap.add_argument("--no-fio", action="store_true", help="skip the fio phases (tree and pgbench only)")
     ap.add_argument("--no-spread", action="store_true",
@@ -420,6 +449,8 @@ def main():
                     r.update(run_tree(fs, a.tree))
                 if not a.no_pgbench and not seq_only:
                     r.update(run_pgbench(fs, a.pgbench_seconds))
+                if not a.no_rocksdb and not seq_only:
+                    r.update(run_rocksdb(fs, a.rocksdb_seconds))
                 rss = peak_rss(fs.daemon_pid())
                 r["daemon peak RSS MiB"] = rss / 1048576 if rss else None
                 runs.setdefault(name, []).append(r)
