@@ -268,9 +268,10 @@ def run_pgbench(fs, seconds):
 
 
 def run_rocksdb(fs, seconds):
-    """RocksDB's db_bench (rocksdb-tools): a bulk load in key order, point reads of that
-    database from a cold cache (an 8 MiB block cache, so reads reach the filesystem), and
-    random writes each fsynced through the WAL (sync=1)."""
+    """RocksDB's db_bench (rocksdb-tools): a bulk load in key order; point reads of that
+    database after drop_caches (an 8 MiB block cache, so its misses are reads through the
+    filesystem: from the disk at first, then from the page cache); random writes, each
+    fsynced through the WAL (sync=1)."""
     if not shutil.which("db_bench"):
         return {}
     db = os.path.join(fs.mnt, "rocksdb")

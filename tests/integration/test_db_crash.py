@@ -1,7 +1,7 @@
 """Databases through a daemon crash: the daemon is killed with SIGKILL while SQLite,
-PostgreSQL and RocksDB commit transactions, the volume is mounted again, and each database must recover
-to a consistent state that holds every transaction it acknowledged (test_power_loss.py runs
-the same checks through a power cut). Killing the daemon loses
+PostgreSQL and RocksDB commit transactions, the volume is mounted again, and each database
+must recover to a consistent state that holds every transaction it acknowledged
+(test_power_loss.py runs the same checks through a power cut). Killing the daemon loses
 what only it and the kernel's FUSE page cache held; everything an fsync returned for is in the
 backing files by then, which is what the databases' own recovery relies on."""
 import json
