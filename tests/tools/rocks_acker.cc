@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -73,7 +74,11 @@ uint64_t counter(rocksdb::DB& db, rocksdb::Status* st) {
     *st = rocksdb::Status::OK();
     return 0;
   }
-  return st->ok() ? std::stoull(v) : 0;
+  if (!st->ok()) return 0;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0') *st = rocksdb::Status::Corruption("the counter is not a number: " + v);
+  return n;
 }
 
 int write(rocksdb::DB& db) {
