@@ -385,9 +385,9 @@ def main():
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--rocksdb-seconds", type=int, default=8,
                     help="length of db_bench's random read and synchronous write phases")
-    ap.add_argument("--no-rocksdb", action="store_true")
+    ap.add_argument("--no-rocksdb", action="store_true", help="skip the db_bench phase")
     ap.add_argument("--no-tree", action="store_true")
-    ap.add_argument("--no-fio", action="store_true", help="skip the fio phases (tree and pgbench only)")
+    ap.add_argument("--no-fio", action="store_true", help="skip the fio phases (tree, pgbench and rocksdb only)")
     ap.add_argument("--no-spread", action="store_true",
                     help="leave each filesystem's work directory where ext4 puts it (beside the "
                          "others); by default ext4 is asked to spread them over block groups, "
