@@ -14,7 +14,6 @@ using test::slurp;
 using test::spit;
 using test::TempDir;
 
-
 ProviderOptions no_prompt() {
   ProviderOptions o;
   o.allow_prompt = false;

@@ -81,7 +81,7 @@ uint64_t counter(rocksdb::DB& db, rocksdb::Status* st) {
   return n;
 }
 
-int write(rocksdb::DB& db) {
+int commit_until_stopped(rocksdb::DB& db) {
   rocksdb::Status st;
   uint64_t n = counter(db, &st);
   if (!st.ok()) return fail("reading the counter", st);
@@ -99,7 +99,7 @@ int write(rocksdb::DB& db) {
   }
 }
 
-int check(rocksdb::DB& db) {
+int check_records(rocksdb::DB& db) {
   rocksdb::Status st = db.VerifyChecksum();
   if (!st.ok()) return fail("verifying checksums", st);
   const uint64_t count = counter(db, &st);
@@ -140,5 +140,5 @@ int main(int argc, char** argv) {
   rocksdb::Status st;
   auto db = open_db(argv[2], argc == 4, &st);
   if (!st.ok()) return fail("opening the database", st);
-  return std::strcmp(argv[1], "write") == 0 ? write(*db) : check(*db);
+  return std::strcmp(argv[1], "write") == 0 ? commit_until_stopped(*db) : check_records(*db);
 }
