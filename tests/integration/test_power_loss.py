@@ -177,6 +177,37 @@ class PowerLoss(unittest.TestCase):
             self.assertEqual(read_file(path), synced, f"round {round_}")
         self.fsck_clean()
 
+    def test_atomic_replace_keeps_the_last_acknowledged_version(self):
+        """Editors, package managers and databases replace a file by writing a new one under
+        a temporary name, fsyncing it, renaming it over the old one and fsyncing the
+        directory (both directories when the temporary one is elsewhere). After a cut each
+        name must hold, whole, the last version whose directory fsync returned, or the one
+        after it that was in flight: never nothing, never a mix. Short and long names (the
+        long one has a record beside its entry), same directory and across directories."""
+        self.vol.mount()
+        os.makedirs(self.vol.path("etc", "staging"))
+        os.makedirs(self.vol.path("etc", "deep", "er"))
+        targets = [self.vol.path("etc", "settings"), self.vol.path("etc", "deep", "er", "L" * 220)]
+        for round_, cut_after in enumerate((15, 40)):
+            writer = subprocess.Popen(["python3", "-c", ATOMIC_REPLACER, self.vol.path("etc"), *targets],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            acked = 0
+            for line in writer.stdout:
+                acked = int(line)
+                if acked >= cut_after:
+                    break
+            self.power_cut()
+            writer.wait(timeout=60)
+            writer.stdout.close()
+            self.vol.mount()
+            for t in targets:
+                data = read_file(t)  # raises if the name is gone
+                version = int(data[:8])
+                self.assertEqual(data, atomic_version(version, t), f"round {round_}: {t} is torn")
+                self.assertIn(version, (acked, acked + 1), f"round {round_}: {t} lost acknowledged versions")
+            self.vol.unmount()
+            self.fsck_clean()
+            self.vol.mount()
 
     def test_a_cut_during_the_block_re_wrap_and_right_after_it(self):
         # Mid-walk: whatever pages reached the disk are under the new DEK, the rest under the
@@ -202,6 +233,48 @@ class PowerLoss(unittest.TestCase):
         self.assertEqual(dek_versions_in_use(self.vol), {2})
         self.assertEqual(read_file(os.path.join(self.vol.cipher, "envelopefs.rewrapped")), b"2\n")
         self.fsck_clean()
+
+def atomic_version(version, target):
+    """Version `version` of `target`: its number, then 1 to 60,000 bytes that follow from it."""
+    body = rand_bytes(version * 7919 % 60000 + 1, seed=f"{target}:{version}")
+    return f"{version:08d}".encode() + body
+
+
+# The replacing writer: version after version of each target, each written under a temporary
+# name (beside the target, or in etc/staging for every other version), fsynced, renamed over
+# the target and the directories fsynced; a version's number is printed once every target has
+# it. It carries on from what the targets hold, so a second round continues the first.
+ATOMIC_REPLACER = """
+import os, sys
+sys.path.insert(0, HERE)
+from test_power_loss import atomic_version
+etc, targets = sys.argv[1], sys.argv[2:]
+def fsync_dir(d):
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
+version = 0
+for t in targets:
+    if os.path.exists(t):
+        with open(t, "rb") as f:
+            version = max(version, int(f.read(8)))
+while True:
+    version += 1
+    for t in targets:
+        d = os.path.dirname(t)
+        tmp_dir = os.path.join(etc, "staging") if version % 2 else d
+        tmp = os.path.join(tmp_dir, "tmp-" + os.path.basename(t)[:20])
+        with open(tmp, "wb") as f:
+            f.write(atomic_version(version, t))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, t)
+        fsync_dir(d)
+        if tmp_dir != d:
+            fsync_dir(tmp_dir)
+    print(version, flush=True)
+""".replace("HERE", repr(os.path.dirname(os.path.abspath(__file__))))
+
 
 if __name__ == "__main__":
     main()
