@@ -48,6 +48,12 @@ class IoBackend {
 };
 
 std::unique_ptr<IoBackend> make_posix_backend();
+// Whether the filesystem holding directory `dir_fd` does O_DIRECT I/O: a 4 KiB aligned write
+// and read back of a file that has no name (O_TMPFILE, or one unlinked as soon as it is
+// made). Some accept an O_DIRECT open and then refuse every such transfer with EINVAL (a
+// FUSE filesystem without direct I/O, for one); a mount would then fail every write it sends
+// there. The error says what failed.
+Status probe_direct_io(int dir_fd);
 // nullptr (and `why` filled in) where io_uring is not available or not permitted.
 std::unique_ptr<IoBackend> make_uring_backend(std::string* why);
 // io_uring when `prefer_uring` and available, else pread/pwrite with one log line on stderr.

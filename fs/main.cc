@@ -371,7 +371,8 @@ int main(int argc, char** argv) {
                   "disable the kernel writeback cache");
   mount->add_flag("--direct-backing", mo.fs.direct_backing,
                   "backing I/O with O_DIRECT: plaintext is not cached twice (page cache holds\n"
-                  "only the plaintext); needs a backing filesystem that supports O_DIRECT");
+                  "only the plaintext); where the backing filesystem refuses O_DIRECT I/O (tried\n"
+                  "at mount), says so and uses its page cache");
   mount->add_option("--fuse-transport", mo.fuse_transport,
                     "how the kernel hands requests to the daemon: dev (default, /dev/fuse) or\n"
                     "io_uring (Linux 6.14+: per-CPU queues, faster on many small files, slower on\n"

@@ -141,7 +141,17 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   // A passphrase cannot be revoked, and asking for it again may need a terminal.
   const bool watch_root = o.key_check_interval > 0 && volume->config.root_uri.rfind("pass:", 0) != 0;
   auto io = make_io_backend(o.use_uring);
-  Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), o.fs);
+  FsOptions fs_options = o.fs;
+  if (fs_options.direct_backing) {
+    if (Status st = probe_direct_io(root_fd); !st.ok()) {
+      fs_options.direct_backing = false;
+      const std::string why = "--direct-backing: the backing filesystem of " + cipher +
+                              " does not do O_DIRECT I/O (" + st.to_string() + "); using its page cache";
+      log_error(why);
+      if (o.log_file.empty() && !o.foreground) std::fprintf(stderr, "envelopefs: %s\n", why.c_str());
+    }
+  }
+  Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), fs_options);
 
   std::string opts = "default_permissions,fsname=" + cipher + ",subtype=envelopefs";
   if (o.allow_other) opts += ",allow_other";

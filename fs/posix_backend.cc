@@ -6,9 +6,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "crypto/bytes.h"
+#include "crypto/random.h"
+#include "fs/aligned_buffer.h"
 #include "fs/io_backend.h"
 
 namespace envelopefs {
@@ -196,5 +201,31 @@ class PosixBackend final : public IoBackend {
 }  // namespace
 
 std::unique_ptr<IoBackend> make_posix_backend() { return std::make_unique<PosixBackend>(); }
+
+Status probe_direct_io(int dir_fd) {
+  int fd = openat(dir_fd, ".", O_TMPFILE | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == ENOENT)) {
+    // No O_TMPFILE here: a name of our own, gone before anything is written to it. (A crash
+    // in between leaves an empty file whose '.' keeps it out of listings.)
+    uint8_t r[8];
+    if (!random_fill({r, sizeof r}).ok()) return Status::Io(EIO, "probe name");
+    const std::string name = "envelopefs.probe." + to_hex({r, sizeof r});
+    fd = openat(dir_fd, name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
+    if (fd >= 0) unlinkat(dir_fd, name.c_str(), 0);
+  }
+  if (fd < 0) return Status::Io(errno, "O_DIRECT open");
+  AlignedBuffer out(4096), in(4096);
+  std::memset(out.data(), 0x5a, 4096);
+  Status st;
+  if (pwrite(fd, out.data(), 4096, 0) != 4096) {
+    st = Status::Io(errno, "O_DIRECT write of 4 KiB");
+  } else if (pread(fd, in.data(), 4096, 0) != 4096) {
+    st = Status::Io(errno, "O_DIRECT read of 4 KiB");
+  } else if (std::memcmp(in.data(), out.data(), 4096) != 0) {
+    st = Status::Io(EIO, "O_DIRECT read gave back other bytes than were written");
+  }
+  close(fd);
+  return st;
+}
 
 }  // namespace envelopefs

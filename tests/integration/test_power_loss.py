@@ -177,6 +177,21 @@ class PowerLoss(unittest.TestCase):
             self.assertEqual(read_file(path), synced, f"round {round_}")
         self.fsck_clean()
 
+    def test_direct_backing_on_a_disk_without_o_direct_uses_its_page_cache(self):
+        """cutfs, like many FUSE filesystems, opens files O_DIRECT and then refuses every
+        O_DIRECT transfer with EINVAL. --direct-backing must notice at mount (a probe) and go
+        through the page cache, saying so, instead of failing every write it sends there."""
+        self.vol.mount("--direct-backing")
+        self.assertIn("does not do O_DIRECT I/O", self.vol.log_text())
+        self.assertEqual([n for n in os.listdir(self.vol.cipher) if "probe" in n], [], "the probe left a file")
+        data = rand_bytes(300000, 7)
+        self.fsync_write(self.vol.path("f"), data)
+        self.power_cut()
+        self.vol.mount("--direct-backing")
+        self.assertEqual(read_file(self.vol.path("f")), data)
+        self.vol.unmount()
+        self.fsck_clean()
+
     def test_atomic_replace_keeps_the_last_acknowledged_version(self):
         """Editors, package managers and databases replace a file by writing a new one under
         a temporary name, fsyncing it, renaming it over the old one and fsyncing the
