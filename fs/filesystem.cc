@@ -589,7 +589,18 @@ Status Filesystem::open(uint64_t ino, int flags) {
   if (!i.ok()) return i.status();
   if ((*i)->type != S_IFREG) return Status::Io(EINVAL, "open of a non-regular file");
   auto of = open_file(**i, (flags & O_ACCMODE) != O_WRONLY && !(flags & O_TRUNC));
-  return of.ok() ? Status::Ok() : of.status();
+  if (!of.ok()) return of.status();
+  if (flags & O_TRUNC) {
+    // The kernel leaves O_TRUNC to the open (libfuse asks for FUSE_CAP_ATOMIC_O_TRUNC) and
+    // takes the file as empty once we answer; with the writeback cache it sends no size
+    // change of its own afterwards, so a truncate not done here never happens.
+    Status st = (*of)->file->truncate(0);
+    if (!st.ok()) {
+      release(ino);
+      return st;
+    }
+  }
+  return Status::Ok();
 }
 
 void Filesystem::release(uint64_t ino) {

@@ -27,6 +27,26 @@ class RoundTrip(VolumeTest):
             self.assertEqual(os.stat(self.vol.path(name)).st_size, len(data), name)
             self.assertEqual(read_file(self.vol.path(name)), data, name)
 
+    def test_o_trunc_empties_the_file_for_good(self):
+        """open(O_TRUNC), a shell's `>`: the kernel leaves the truncation to the open and
+        believes the file empty from then on, so one not done there shows only later, when
+        the old size and bytes come back (after a remount, or when cached attributes expire)."""
+        p, q, r = self.vol.path("t"), self.vol.path("u"), self.vol.path("v")
+        for name in (p, q, r):
+            write_file(name, rand_bytes(50000, 9))
+        fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"short")
+        os.close(fd)
+        os.close(os.open(q, os.O_WRONLY | os.O_TRUNC))
+        subprocess.run(["sh", "-c", f"echo hi > {r}"], check=True)
+        expected = {p: b"short", q: b"", r: b"hi\n"}
+        for name, data in expected.items():
+            self.assertEqual(read_file(name), data)
+        self.vol.remount()
+        for name, data in expected.items():
+            self.assertEqual(os.stat(name).st_size, len(data), name)
+            self.assertEqual(read_file(name), data, name)
+
     def test_names_made_right_after_mkdir_survive_remount(self):
         # The daemon keeps a new directory's nonce from its mkdir; the names it encrypts with it
         # must be the ones the nonce on disk decrypts after a remount.
