@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <sys/wait.h>
@@ -115,8 +116,30 @@ class SessionGuard {
   bool mounted_ = false;
 };
 
+// Every inode the kernel remembers holds an O_PATH descriptor of its backing node
+// (fs/inode_table.h), and the kernel remembers as many as memory allows: far past the usual
+// soft limit of 1024 descriptors (under it, cp -r of /usr/include failed with EMFILE at its
+// thousandth file). So the soft limit goes up to the hard one and, for root, both up to
+// fs.nr_open. Returns the limit in force.
+constexpr rlim_t kFewDescriptors = 65536;
+
+rlim_t raise_open_file_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
+  std::ifstream f("/proc/sys/fs/nr_open");
+  rlim_t nr_open = 0;
+  if ((f >> nr_open) && nr_open > rl.rlim_max) {
+    const rlimit all{nr_open, nr_open};
+    if (setrlimit(RLIMIT_NOFILE, &all) == 0) return nr_open;  // needs CAP_SYS_RESOURCE
+  }
+  rl.rlim_cur = rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl) != 0) (void)getrlimit(RLIMIT_NOFILE, &rl);
+  return rl.rlim_cur;
+}
+
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
+  const rlim_t fd_limit = raise_open_file_limit();
   // Resolved now: the daemon changes to / once it is in the background.
   const std::string mountpoint = absolute(o.mountpoint);
   // The kernel has already applied the caller's umask to every mode it sends; ours must not
@@ -182,6 +205,11 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   raise_readahead(mountpoint, 1024);
   log_info("mounted " + cipher + " on " + mountpoint + " (backing I/O: " + fs.io().name() + ")");
+  if (fd_limit < kFewDescriptors) {
+    log_error("only " + std::to_string(fd_limit) + " open files allowed (RLIMIT_NOFILE); every file the kernel " +
+              "remembers takes one, so a large tree will fail with EMFILE: raise the hard limit " +
+              "(LimitNOFILE= in a systemd unit, ulimit -Hn)");
+  }
   audit_from_daemon(mounted);
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
   ready.send("OK");

@@ -6,6 +6,7 @@ import fcntl
 import mmap
 import multiprocessing
 import os
+import resource
 import stat
 import subprocess
 
@@ -193,6 +194,26 @@ class Namespace(VolumeTest):
         self.assertEqual(read_file(self.vol.path("lnk")), b"file-0001")
         self.assertEqual(os.readlink(self.vol.path("longlink")), "/" + "t" * 2000)
         self.assertEqual(os.lstat(self.vol.path("lnk")).st_size, len("file-0001"))
+
+    def test_more_files_than_the_usual_open_file_limit(self):
+        """Every inode the kernel remembers holds a descriptor in the daemon. Started under
+        the usual soft limit of 1024 (a login shell's, a systemd service's), the daemon must
+        raise it, or the thousandth new file fails with EMFILE."""
+        self.vol.unmount()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 4000:
+            self.skipTest(f"the hard open file limit here is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        try:
+            self.vol.mount()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.mkdir(self.vol.path("many"))
+        for i in range(3000):
+            write_file(self.vol.path("many", f"f{i}"), b"%d" % i)
+        self.assertEqual(len(os.listdir(self.vol.path("many"))), 3000)
+        for i in range(0, 3000, 7):
+            self.assertEqual(read_file(self.vol.path("many", f"f{i}")), b"%d" % i)
 
 
 class EmptyDirectories(VolumeTest):
