@@ -206,9 +206,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   raise_readahead(mountpoint, 1024);
   log_info("mounted " + cipher + " on " + mountpoint + " (backing I/O: " + fs.io().name() + ")");
   if (fd_limit < kFewDescriptors) {
-    log_error("only " + std::to_string(fd_limit) + " open files allowed (RLIMIT_NOFILE); every file the kernel " +
-              "remembers takes one, so a large tree will fail with EMFILE: raise the hard limit " +
-              "(LimitNOFILE= in a systemd unit, ulimit -Hn)");
+    log_error("only " + std::to_string(fd_limit) +
+              " open files allowed (RLIMIT_NOFILE); every file the kernel remembers takes one, so a "
+              "large tree will fail with EMFILE: raise the hard limit (LimitNOFILE= in a systemd "
+              "unit, ulimit -Hn)");
   }
   audit_from_daemon(mounted);
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
