@@ -59,9 +59,12 @@ void reply_entry(fuse_req_t req, const Status& st, const Entry& e, const char* w
   fuse_reply_entry(req, &p);
 }
 
-// Directory handles hold the decrypted listing taken at opendir, so offsets stay stable.
+// Directory handles hold the decrypted listing taken at opendir, so offsets stay stable. A
+// read from offset 0 after the first one (rewinddir) takes it again: POSIX has rewinddir show
+// the directory as it is now, as a new opendir would.
 struct DirHandle {
   std::vector<DirEntry> entries;
+  bool read = false;
 };
 
 void op_init(void* userdata, fuse_conn_info* conn) {
@@ -271,6 +274,13 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
   guard(req, [&] {
     Filesystem& fs = fs_of(req);
     auto* h = reinterpret_cast<DirHandle*>(fi->fh);
+    if (off == 0 && h->read) {
+      std::vector<DirEntry> now;
+      Status s = fs.readdir(ino, &now);
+      if (!s.ok()) return reply_status(req, s, "readdir", ino);
+      h->entries = std::move(now);
+    }
+    h->read = true;
     std::vector<char> buf(size);
     size_t used = 0;
     // Offsets: 0 ".", 1 "..", 2+k entry k.

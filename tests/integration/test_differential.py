@@ -4,7 +4,8 @@ what stat says afterwards) must be the same, save the differences listed in KNOW
 are the corners a POSIX conformance suite (pjdfstest) and tools like rsync and cp -a reach:
 times to the nanosecond and past 2038, who may set them, a symlink's own times, xattr
 namespaces and flags, odd bytes in names, rename flags and directory link counts, a file used
-after its last name is gone, offsets past 4 GiB, owners and modes as other users change them.
+after its last name is gone, offsets past 4 GiB, a directory stream across rewinddir, owners
+and modes as other users change them.
 Runs as root; some steps drop to uid 65534 or 65530."""
 import ctypes
 import errno
@@ -187,6 +188,39 @@ def xattr_and_name_steps(d):
     return s
 
 
+class Dirent64(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+
+libc.opendir.restype = ctypes.c_void_p
+libc.opendir.argtypes = [ctypes.c_char_p]
+libc.readdir64.restype = ctypes.POINTER(Dirent64)
+libc.readdir64.argtypes = [ctypes.c_void_p]
+libc.rewinddir.argtypes = [ctypes.c_void_p]
+libc.closedir.argtypes = [ctypes.c_void_p]
+
+
+def listing_across_rewinddir(path, change):
+    """The names one directory stream reads, then reads again after `change` and rewinddir."""
+    stream = libc.opendir(path.encode())
+    if not stream:
+        raise OSError(ctypes.get_errno(), "opendir")
+
+    def names():
+        out = []
+        while e := libc.readdir64(stream):
+            out.append(e.contents.d_name.decode())
+        return sorted(out)
+    try:
+        first = names()
+        change()
+        libc.rewinddir(stream)
+        return first, names()
+    finally:
+        libc.closedir(stream)
+
+
 def namespace_steps(d):
     j = lambda *p: os.path.join(d, *p)
     s = []
@@ -242,6 +276,14 @@ def namespace_steps(d):
               os.fstat(fd).st_size))
     os.close(fd)
     s.append(("NAME_MAX", os.statvfs(d).f_namemax))
+    os.mkdir(j("r"))
+    for n in ("a", "b"):
+        open(j("r", n), "w").close()
+
+    def unlink_a_and_make_c():
+        os.unlink(j("r", "a"))
+        open(j("r", "c"), "w").close()
+    s.append(("rewinddir shows the directory as it is now", listing_across_rewinddir(j("r"), unlink_a_and_make_c)))
     return s
 
 
