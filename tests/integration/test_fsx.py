@@ -1,9 +1,9 @@
 """fsx-style random operations on one file against an in-memory model of its bytes.
 
-Writes at any offset and length, O_APPEND writes, truncates both ways, every fallocate mode the
-daemon supports, writes through a shared mapping, copy_file_range from another file, reads and
-sizes checked after every step, and remounts in between: the places where a block format goes
-wrong (partial edge blocks, a tail that grows or shrinks across a block or a metadata-page
+Writes at any offset and length, O_APPEND writes, truncates both ways (and opens with
+O_TRUNC), every fallocate mode the daemon supports, writes through a shared mapping,
+copy_file_range from another file, reads and sizes checked after every step, and remounts in
+between: the places where a block format goes wrong (partial edge blocks, a tail that grows or shrinks across a block or a metadata-page
 group, holes next to data, a reopened file's cached state) are all reached many times over.
 A failure names the seed and the operations that led to it."""
 import mmap
@@ -78,8 +78,8 @@ class Fsx(unittest.TestCase):
             remount_at = set(r.sample(range(ops // 4, ops), remounts))
             for step in range(ops):
                 op = r.choices(["write", "append", "read", "truncate", "falloc", "punch", "zero",
-                                "mmap", "copy", "fsync", "reopen"],
-                               weights=[30, 6, 20, 8, 5, 6, 5, 5, 5, 3, 3])[0]
+                                "mmap", "copy", "fsync", "reopen", "o_trunc"],
+                               weights=[30, 6, 20, 8, 5, 6, 5, 5, 5, 3, 3, 1])[0]
                 off, n = offset(), length()
                 if op == "write":
                     data = r.randbytes(n)
@@ -156,6 +156,11 @@ class Fsx(unittest.TestCase):
                     os.close(fd)
                     fd = os.open(path, os.O_RDWR)
                     log.append(("reopen",))
+                elif op == "o_trunc":  # a shell's `>`: the open itself empties the file
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDWR | os.O_TRUNC)
+                    del model[:]
+                    log.append(("o_trunc",))
                 check(op)
                 if step in remount_at:
                     check_all("the operations before a remount")
