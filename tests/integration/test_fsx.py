@@ -3,8 +3,9 @@
 Writes at any offset and length, O_APPEND writes, truncates both ways (and opens with
 O_TRUNC), every fallocate mode the daemon supports, writes through a shared mapping,
 copy_file_range from another file, reads and sizes checked after every step, and remounts in
-between: the places where a block format goes wrong (partial edge blocks, a tail that grows or shrinks across a block or a metadata-page
-group, holes next to data, a reopened file's cached state) are all reached many times over.
+between: the places where a block format goes wrong (partial edge blocks, a tail that grows or
+shrinks across a block or a metadata-page group, holes next to data, a reopened file's cached
+state) are all reached many times over.
 A failure names the seed and the operations that led to it."""
 import mmap
 import os
