@@ -93,13 +93,7 @@ class Concurrency(VolumeTest):
         link count must equal the names found for it, and the same tree must come back after a
         remount, with fsck clean."""
         root = self.vol.path("race")
-        os.mkdir(root)
-        for d in ("a", "b", "c"):
-            os.mkdir(os.path.join(root, d))
-        q = multiprocessing.Queue()
-        procs = [multiprocessing.Process(target=race_on_names, args=(root, w, q)) for w in range(4)]
-        for p in procs:
-            p.start()
+        procs, q = start_race(root)
         results = [q.get(timeout=600) for _ in procs]
         for p in procs:
             p.join()
@@ -117,6 +111,19 @@ class Concurrency(VolumeTest):
 # met a file or a non-empty directory, a directory would move into itself.
 RACE_ERRORS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EINVAL}
 NAMES = [f"n{i}" for i in range(12)] + ["L" * 200 + str(i) for i in range(3)]  # long: stored apart
+
+
+def start_race(root):
+    """Makes `root` with three directories and starts four race_on_names workers in it;
+    returns them and the queue each puts its verdict on."""
+    os.mkdir(root)
+    for d in ("a", "b", "c"):
+        os.mkdir(os.path.join(root, d))
+    q = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=race_on_names, args=(root, w, q)) for w in range(4)]
+    for p in procs:
+        p.start()
+    return procs, q
 
 
 def content(ident):

@@ -2,14 +2,13 @@
 intact and every block reads as a version that was written to it (never EIO). And in the
 middle of processes racing on names (test_concurrency's race): every name still reads, every
 file published under one is whole, link counts match, and fsck finds nothing."""
-import multiprocessing
 import os
 import random
 import threading
 import time
 
 from common import BIN, Volume, main, read_file, run
-from test_concurrency import check_tree, race_on_names
+from test_concurrency import check_tree, start_race
 import unittest
 
 BS = 4096
@@ -96,13 +95,7 @@ class Crash(unittest.TestCase):
             try:
                 vol.mount()
                 root = vol.path("race")
-                os.mkdir(root)
-                for d in ("a", "b", "c"):
-                    os.mkdir(os.path.join(root, d))
-                q = multiprocessing.Queue()
-                procs = [multiprocessing.Process(target=race_on_names, args=(root, w, q)) for w in range(4)]
-                for p in procs:
-                    p.start()
+                procs, _ = start_race(root)
                 time.sleep(delay)
                 vol.kill9()
                 for p in procs:
