@@ -4,6 +4,7 @@
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -165,7 +166,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   const bool watch_root = o.key_check_interval > 0 && volume->config.root_uri.rfind("pass:", 0) != 0;
   auto io = make_io_backend(o.use_uring);
   FsOptions fs_options = o.fs;
-  if (fs_options.direct_backing) {
+  // The probe writes a file; a read-only mount or backing filesystem keeps the option untried.
+  struct statvfs backing {};
+  const bool writable = !o.read_only && statvfs(cipher.c_str(), &backing) == 0 && !(backing.f_flag & ST_RDONLY);
+  if (fs_options.direct_backing && writable) {
     if (Status st = probe_direct_io(root_fd); !st.ok()) {
       fs_options.direct_backing = false;
       const std::string why = "--direct-backing: the backing filesystem of " + cipher +
