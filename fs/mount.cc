@@ -168,7 +168,8 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   FsOptions fs_options = o.fs;
   // The probe writes a file; a read-only mount or backing filesystem keeps the option untried.
   struct statvfs backing {};
-  const bool writable = !o.read_only && statvfs(cipher.c_str(), &backing) == 0 && !(backing.f_flag & ST_RDONLY);
+  const bool writable =
+      !o.read_only && statvfs(cipher.c_str(), &backing) == 0 && !(backing.f_flag & ST_RDONLY);
   if (fs_options.direct_backing && writable) {
     if (Status st = probe_direct_io(root_fd); !st.ok()) {
       fs_options.direct_backing = false;
