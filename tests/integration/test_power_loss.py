@@ -6,6 +6,7 @@ missing; fsck is clean."""
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -204,16 +205,18 @@ class PowerLoss(unittest.TestCase):
         os.makedirs(self.vol.path("etc", "deep", "er"))
         targets = [self.vol.path("etc", "settings"), self.vol.path("etc", "deep", "er", "L" * 220)]
         for round_, cut_after in enumerate((15, 40)):
-            writer = subprocess.Popen(["python3", "-c", ATOMIC_REPLACER, self.vol.path("etc"), *targets],
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            writer = subprocess.Popen([sys.executable, "-c", ATOMIC_REPLACER, self.vol.path("etc"), *targets],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             acked = 0
             for line in writer.stdout:
                 acked = int(line)
                 if acked >= cut_after:
                     break
+            if acked < cut_after:
+                writer.wait(timeout=60)
+                self.fail(f"round {round_}: the writer stopped at version {acked}: {writer.stderr.read()}")
             self.power_cut()
-            writer.wait(timeout=60)
-            writer.stdout.close()
+            writer.communicate(timeout=60)
             self.vol.mount()
             for t in targets:
                 data = read_file(t)  # raises if the name is gone
@@ -248,6 +251,7 @@ class PowerLoss(unittest.TestCase):
         self.assertEqual(dek_versions_in_use(self.vol), {2})
         self.assertEqual(read_file(os.path.join(self.vol.cipher, "envelopefs.rewrapped")), b"2\n")
         self.fsck_clean()
+
 
 def atomic_version(version, target):
     """Version `version` of `target`: its number, then 1 to 60,000 bytes that follow from it."""
