@@ -31,7 +31,8 @@ class RoundTrip(VolumeTest):
     def test_o_trunc_empties_the_file_for_good(self):
         """open(O_TRUNC), a shell's `>`: the kernel leaves the truncation to the open and
         believes the file empty from then on, so one not done there shows only later, when
-        the old size and bytes come back (after a remount, or when cached attributes expire)."""
+        the old size and bytes come back: after a remount, once the kernel drops the inode
+        (with the writeback cache it keeps its own size until then), or at once without it."""
         p, q, r = self.vol.path("t"), self.vol.path("u"), self.vol.path("v")
         for name in (p, q, r):
             write_file(name, rand_bytes(50000, 9))
