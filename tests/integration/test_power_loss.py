@@ -13,7 +13,8 @@ import unittest
 
 from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run, wait_for
 from test_databases import pg_bin
-from test_db_crash import NO_ROCKSDB, ROCKS_ACKER, check_postgres_crash, check_rocksdb_crash, check_sqlite_crash
+from test_db_crash import (NO_ROCKSDB, ROCKS_ACKER, acked_through_crash, check_postgres_crash,
+                           check_rocksdb_crash, check_sqlite_crash)
 from test_dek_rotation import dek_versions_in_use
 
 CUTFS = os.environ.get("CUTFS_BIN", os.path.join(os.path.dirname(__file__), "../../build/tests/cutfs"))
@@ -207,16 +208,7 @@ class PowerLoss(unittest.TestCase):
         for round_, cut_after in enumerate((15, 40)):
             writer = subprocess.Popen([sys.executable, "-c", ATOMIC_REPLACER, self.vol.path("etc"), *targets],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            acked = 0
-            for line in writer.stdout:
-                acked = int(line)
-                if acked >= cut_after:
-                    break
-            if acked < cut_after:
-                writer.wait(timeout=60)
-                self.fail(f"round {round_}: the writer stopped at version {acked}: {writer.stderr.read()}")
-            self.power_cut()
-            writer.communicate(timeout=60)
+            acked = acked_through_crash(self, writer, cut_after, self.power_cut)
             self.vol.mount()
             for t in targets:
                 data = read_file(t)  # raises if the name is gone
