@@ -97,7 +97,9 @@ Result<Filesystem::Placed> Filesystem::place(uint64_t parent, const char* name) 
   if (std::strlen(name) > kMaxPlainName) return Status::Io(ENAMETOOLONG, "name");
   auto bn = encrypt_name(*keys_, *nonce, name);
   if (!bn.ok()) return bn.status();
-  return Placed{std::move(dir).value(), std::move(bn).value()};
+  auto path = inodes_.path(**dir);
+  if (!path.ok()) return path.status();
+  return Placed{std::move(dir).value(), std::move(path).value(), std::move(bn).value()};
 }
 
 Result<Filesystem::Placed> Filesystem::place_new(uint64_t parent, const char* name) {
@@ -114,9 +116,11 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
   std::lock_guard lock(dir.mu);
   if (dir.nonce) return *dir.nonce;
   if (dir.type != S_IFDIR) return Status::Io(ENOTDIR, "not a directory");
-  auto n = read_dir_nonce(dir.fd);
+  auto path = inodes_.path(dir);
+  if (!path.ok()) return path.status();
+  auto n = read_dir_nonce((*path)->fd);
   if (!n.ok() && n.status().code() == Code::kNotFound) {
-    auto empty = holds_only_nonce(dir.fd);
+    auto empty = holds_only_nonce((*path)->fd);
     if (!empty.ok() || !*empty) {
       // Entries named under a nonce that is gone: damage, not "no such file".
       return Status(Code::kCorrupt, "directory nonce is missing and the directory holds entries");
@@ -136,7 +140,9 @@ Result<DirNonce> Filesystem::nonce_of(Inode& dir) {
 }
 
 Result<int> Filesystem::open_dir_fd(Inode& dir) {
-  int fd = openat(dir.fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  auto path = inodes_.path(dir);
+  if (!path.ok()) return path.status();
+  int fd = openat((*path)->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return errno_status("open backing directory");
   return fd;
 }
@@ -146,11 +152,15 @@ Status Filesystem::stat_inode(Inode& inode, struct stat* out, const struct stat*
   std::unique_lock<std::mutex> times_lock;
   if (open) times_lock = std::unique_lock(open->times_mu);  // deferred times and stat agree
   if (open && open->deferred) {
-    ENVELOPEFS_RETURN_IF_ERROR(stat_with_deferred_times(inode.fd, *open->deferred, out));
+    ENVELOPEFS_RETURN_IF_ERROR(stat_with_deferred_times(open->fd, *open->deferred, out));
   } else if (fresh != nullptr && !open) {
     *out = *fresh;
-  } else if (fstatat(inode.fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
-    return errno_status("stat");
+  } else if (open) {
+    if (fstat(open->fd, out) != 0) return errno_status("stat");
+  } else {
+    auto path = inodes_.path(inode);
+    if (!path.ok()) return path.status();
+    if (fstatat((*path)->fd, "", out, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
   }
   if (S_ISREG(out->st_mode)) {
     uint64_t backing = static_cast<uint64_t>(out->st_size);
@@ -215,13 +225,15 @@ Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_
 Status Filesystem::kill_suidgid(uint64_t ino) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
+  auto path = inodes_.path(**i);
+  if (!path.ok()) return path.status();
   struct stat st;
-  if (fstatat((*i)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+  if (fstatat((*path)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
   if (!S_ISREG(st.st_mode)) return Status::Ok();
   mode_t mode = st.st_mode & 07777;
   mode_t killed = mode & ~S_ISUID;
   if (mode & S_IXGRP) killed &= ~S_ISGID;
-  if (killed != mode && fchmodat(AT_FDCWD, proc_path((*i)->fd).c_str(), killed, 0) != 0) {
+  if (killed != mode && fchmodat(AT_FDCWD, proc_path((*path)->fd).c_str(), killed, 0) != 0) {
     return errno_status("chmod");
   }
   return Status::Ok();
@@ -230,7 +242,7 @@ Status Filesystem::kill_suidgid(uint64_t ino) {
 Status Filesystem::lookup(uint64_t parent, const char* name, Entry* out) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();
-  return make_entry(parent, pl->dir->fd, pl->name.entry, out, false);
+  return make_entry(parent, pl->dir_fd(), pl->name.entry, out, false);
 }
 
 Status Filesystem::getattr(uint64_t ino, struct stat* out) {
@@ -244,13 +256,16 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
   if (!ip.ok()) return ip.status();
   Inode& i = **ip;
   const bool is_link = i.type == S_IFLNK;
+  auto path = inodes_.path(i);
+  if (!path.ok()) return path.status();
+  const int fd = (*path)->fd;
   if ((to_set & (1 << 0)) && !is_link) {  // FUSE_SET_ATTR_MODE
-    if (fchmodat(AT_FDCWD, proc_path(i.fd).c_str(), attr.st_mode & 07777, 0) != 0) return errno_status("chmod");
+    if (fchmodat(AT_FDCWD, proc_path(fd).c_str(), attr.st_mode & 07777, 0) != 0) return errno_status("chmod");
   }
   if (to_set & ((1 << 1) | (1 << 2))) {  // FUSE_SET_ATTR_UID / GID
     uid_t uid = (to_set & (1 << 1)) ? attr.st_uid : static_cast<uid_t>(-1);
     gid_t gid = (to_set & (1 << 2)) ? attr.st_gid : static_cast<gid_t>(-1);
-    if (fchownat(i.fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("chown");
+    if (fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno_status("chown");
   }
   if (to_set & (1 << 3)) {  // FUSE_SET_ATTR_SIZE
     if (i.type != S_IFREG) return Status::Io(EINVAL, "truncate of a non-regular file");
@@ -283,7 +298,7 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
     // followed to the target, ciphertext naming nothing.
     if (of) {
       ENVELOPEFS_RETURN_IF_ERROR(of->set_times(ts));
-    } else if (utimensat(i.fd, "", ts, AT_EMPTY_PATH) != 0) {
+    } else if (utimensat(fd, "", ts, AT_EMPTY_PATH) != 0) {
       return errno_status("utimens");
     }
   }
@@ -293,8 +308,10 @@ Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, st
 Status Filesystem::readlink(uint64_t ino, std::string* target) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
+  auto path = inodes_.path(**i);
+  if (!path.ok()) return path.status();
   char buf[PATH_MAX + 1];
-  ssize_t n = readlinkat((*i)->fd, "", buf, sizeof buf - 1);
+  ssize_t n = readlinkat((*path)->fd, "", buf, sizeof buf - 1);
   if (n < 0) return errno_status("readlink");
   auto t = load_symlink(*keys_, root_fd_, std::string_view(buf, static_cast<size_t>(n)));
   if (!t.ok()) return t.status();
@@ -311,7 +328,7 @@ Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev
                              Caller who, Entry* out, bool keep_open) {
   auto pl = place_new(parent, name);
   if (!pl.ok()) return pl.status();
-  const int pfd = pl->dir->fd;
+  const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
   std::shared_ptr<OpenFile> opened;
   if (S_ISREG(mode)) {
@@ -360,7 +377,7 @@ Status Filesystem::create(uint64_t parent, const char* name, mode_t mode, Caller
 Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller who, Entry* out) {
   auto pl = place_new(parent, name);
   if (!pl.ok()) return pl.status();
-  const int pfd = pl->dir->fd;
+  const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
   // Created owner-writable so the nonce can go in; the requested mode is applied after.
   if (mkdirat(pfd, bn->entry.c_str(), 0700) != 0) return errno_status("mkdir");
@@ -392,7 +409,7 @@ Status Filesystem::symlink(const char* target, uint64_t parent, const char* name
                            Entry* out) {
   auto pl = place_new(parent, name);
   if (!pl.ok()) return pl.status();
-  const int pfd = pl->dir->fd;
+  const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
   auto stored = store_symlink(*keys_, root_fd_, target);
   if (!stored.ok()) return stored.status();
@@ -410,22 +427,25 @@ Status Filesystem::link(uint64_t ino, uint64_t parent, const char* name, Entry* 
   if (!src.ok()) return src.status();
   auto pl = place_new(parent, name);
   if (!pl.ok()) return pl.status();
-  const int pfd = pl->dir->fd;
+  const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
-  if (linkat(AT_FDCWD, proc_path((*src)->fd).c_str(), pfd, bn->entry.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+  auto src_path = inodes_.path(**src);
+  if (!src_path.ok()) return src_path.status();
+  if (linkat(AT_FDCWD, proc_path((*src_path)->fd).c_str(), pfd, bn->entry.c_str(), AT_SYMLINK_FOLLOW) != 0) {
     return errno_status("link");
   }
   struct stat st;
-  if (tracking_moves_.load(std::memory_order_relaxed) && fstat((*src)->fd, &st) == 0) note_move(st);
+  if (tracking_moves_.load(std::memory_order_relaxed) && fstat((*src_path)->fd, &st) == 0) note_move(st);
   return make_entry(parent, pfd, bn->entry, out, true);
 }
 
 Status Filesystem::unlink(uint64_t parent, const char* name) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();
-  const std::string record = symlink_record_of(pl->dir->fd, pl->name.entry);
-  if (unlinkat(pl->dir->fd, pl->name.entry.c_str(), 0) != 0) return errno_status("unlink");
-  remove_long_name(pl->dir->fd, pl->name);
+  const std::string record = symlink_record_of(pl->dir_fd(), pl->name.entry);
+  inodes_.keep_before_removal(pl->dir_fd(), pl->name.entry.c_str());
+  if (unlinkat(pl->dir_fd(), pl->name.entry.c_str(), 0) != 0) return errno_status("unlink");
+  remove_long_name(pl->dir_fd(), pl->name);
   if (!record.empty()) drop_symlink_record(root_fd_, record);
   return Status::Ok();
 }
@@ -456,11 +476,12 @@ Status with_nonce_out(int dir_fd, NonceStore store, const char* what, Op op) {
 Status Filesystem::rmdir(uint64_t parent, const char* name) {
   auto pl = place(parent, name);
   if (!pl.ok()) return pl.status();
-  const int pfd = pl->dir->fd;
+  const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("rmdir");
   FdGuard g{fd};
+  inodes_.keep_before_removal(pfd, bn->entry.c_str());
   ENVELOPEFS_RETURN_IF_ERROR(
       with_nonce_out(fd, nonce_store_, "rmdir", [&] { return unlinkat(pfd, bn->entry.c_str(), AT_REMOVEDIR); }));
   remove_long_name(pfd, *bn);
@@ -479,29 +500,30 @@ Status Filesystem::rename(uint64_t parent, const char* name, uint64_t newparent,
   // both names are links of one inode: then the rename changes nothing.)
   std::string replaced_record;
   if (!(flags & RENAME_EXCHANGE)) {
-    replaced_record = symlink_record_of(to->dir->fd, b2.entry);
+    replaced_record = symlink_record_of(to->dir_fd(), b2.entry);
     struct stat a, b;
     if (!replaced_record.empty() &&
-        (fstatat(from->dir->fd, b1.entry.c_str(), &a, AT_SYMLINK_NOFOLLOW) != 0 ||
-         fstatat(to->dir->fd, b2.entry.c_str(), &b, AT_SYMLINK_NOFOLLOW) != 0 ||
+        (fstatat(from->dir_fd(), b1.entry.c_str(), &a, AT_SYMLINK_NOFOLLOW) != 0 ||
+         fstatat(to->dir_fd(), b2.entry.c_str(), &b, AT_SYMLINK_NOFOLLOW) != 0 ||
          (a.st_dev == b.st_dev && a.st_ino == b.st_ino))) {
       replaced_record.clear();
     }
   }
-  if (renameat2(from->dir->fd, b1.entry.c_str(), to->dir->fd, b2.entry.c_str(), flags) != 0) {
+  if (!(flags & RENAME_EXCHANGE)) inodes_.keep_before_removal(to->dir_fd(), b2.entry.c_str());
+  if (renameat2(from->dir_fd(), b1.entry.c_str(), to->dir_fd(), b2.entry.c_str(), flags) != 0) {
     if ((errno != ENOTEMPTY && errno != EEXIST) || flags != 0) return errno_status("rename");
-    ENVELOPEFS_RETURN_IF_ERROR(rename_over_empty_dir(from->dir->fd, b1.entry, to->dir->fd, b2.entry));
+    ENVELOPEFS_RETURN_IF_ERROR(rename_over_empty_dir(from->dir_fd(), b1.entry, to->dir_fd(), b2.entry));
   }
   if (!(flags & RENAME_EXCHANGE) && !(parent == newparent && b1.entry == b2.entry)) {
-    remove_long_name(from->dir->fd, b1);
+    remove_long_name(from->dir_fd(), b1);
   }
   if (!replaced_record.empty()) drop_symlink_record(root_fd_, replaced_record);
   struct stat st;
   if ((flags & RENAME_EXCHANGE) && tracking_moves_.load(std::memory_order_relaxed) &&
-      fstatat(from->dir->fd, b1.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+      fstatat(from->dir_fd(), b1.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     note_move(st);
   }
-  if (fstatat(to->dir->fd, b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+  if (fstatat(to->dir_fd(), b2.entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
     note_move(st);
     if (auto moved = inodes_.find(st.st_dev, st.st_ino)) {
       std::lock_guard lock(moved->mu);
@@ -564,7 +586,9 @@ Result<std::shared_ptr<OpenFile>> Filesystem::open_file(Inode& i, bool will_read
     i.open_count++;
     return i.open;
   }
-  std::string path = proc_path(i.fd);
+  auto backing = inodes_.path(i);
+  if (!backing.ok()) return backing.status();
+  std::string path = proc_path((*backing)->fd);
   int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0 && (errno == EACCES || errno == EROFS)) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return errno_status("open backing file");
@@ -748,9 +772,7 @@ bool unknown_xattr_namespace(std::string_view name) {
 }  // namespace
 
 Status Filesystem::statfs(struct statvfs* out) {
-  auto root = inode(1);
-  if (!root.ok()) return root.status();
-  if (fstatvfs((*root)->fd, out) != 0) return errno_status("statfs");
+  if (fstatvfs(root_fd_, out) != 0) return errno_status("statfs");
   out->f_namemax = kMaxPlainName;
   return Status::Ok();
 }
@@ -765,7 +787,9 @@ Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int 
   if (!enc.ok()) return Status::Io(ERANGE, "xattr name too long");
   auto val = encrypt_xattr_value(*keys_, *enc, value);
   if (!val.ok()) return val.status();
-  if (::setxattr(proc_path((*i)->fd).c_str(), enc->c_str(), val->data(), val->size(), flags) != 0) {
+  auto path = inodes_.path(**i);
+  if (!path.ok()) return path.status();
+  if (::setxattr(proc_path((*path)->fd).c_str(), enc->c_str(), val->data(), val->size(), flags) != 0) {
     return errno_status("setxattr");
   }
   return Status::Ok();
@@ -783,7 +807,13 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   // An open file's descriptor saves a path walk through /proc, and the size probe saves a
   // 64 KiB buffer in the usual case of no such attribute.
   std::shared_ptr<OpenFile> of = (*i)->type == S_IFREG ? opened(**i) : nullptr;
-  std::string path = of ? std::string() : proc_path((*i)->fd);
+  PathRef backing;
+  if (!of) {
+    auto p = inodes_.path(**i);
+    if (!p.ok()) return p.status();
+    backing = std::move(p).value();
+  }
+  std::string path = of ? std::string() : proc_path(backing->fd);
   auto get = [&](void* buf, size_t size) {
     return of ? ::fgetxattr(of->fd, enc->c_str(), buf, size) : ::getxattr(path.c_str(), enc->c_str(), buf, size);
   };
@@ -799,7 +829,9 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
 Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  std::string path = proc_path((*i)->fd);
+  auto backing = inodes_.path(**i);
+  if (!backing.ok()) return backing.status();
+  std::string path = proc_path((*backing)->fd);
   std::vector<std::string> out;
   ssize_t n = ::listxattr(path.c_str(), nullptr, 0);
   if (n < 0) {
@@ -825,7 +857,9 @@ Status Filesystem::removexattr(uint64_t ino, const char* name) {
   if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "removexattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
-  if (::removexattr(proc_path((*i)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");
+  auto path = inodes_.path(**i);
+  if (!path.ok()) return path.status();
+  if (::removexattr(proc_path((*path)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");
   return Status::Ok();
 }
 
@@ -860,8 +894,10 @@ int Filesystem::reopen_known(dev_t dev, ino_t ino) {
   std::shared_ptr<Inode> i = inodes_.find(dev, ino);
   if (!i) return -1;
   if (i->type != S_IFDIR && i->type != S_IFREG) return kNoBlockKeys;
+  auto path = inodes_.path(*i);
+  if (!path.ok()) return -1;
   // Not O_NOFOLLOW: that would open /proc's magic link itself instead of the node it names.
-  return ::open(proc_path(i->fd).c_str(), O_PATH | O_CLOEXEC);
+  return ::open(proc_path((*path)->fd).c_str(), O_PATH | O_CLOEXEC);
 }
 
 Status Filesystem::rewrap_block_keys(int dir_fd, const std::string& entry, const std::function<bool()>& go_on,

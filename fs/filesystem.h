@@ -123,7 +123,9 @@ class Filesystem {
   // A directory and the backing name that `name` has in it.
   struct Placed {
     std::shared_ptr<Inode> dir;
+    PathRef dir_path;  // held while the name is used
     BackingName name;
+    int dir_fd() const { return dir_path->fd; }
   };
   Result<Placed> place(uint64_t parent, const char* name);
   // The same for an entry about to be created: a long name's record is written first.
@@ -162,7 +164,7 @@ class Filesystem {
   Layout layout_;
   const bool as_root_;
   const NonceStore nonce_store_;  // how this volume's directories keep their nonce
-  const int root_fd_;  // the cipher root (O_PATH, owned by the inode table)
+  const int root_fd_;  // the cipher root (O_PATH, owned by the inode table, never closed before it)
   void note_move(const struct stat& st);
   std::mutex moves_mu_;  // guards the two below, and changes of tracking_moves_
   std::atomic<bool> tracking_moves_{false};

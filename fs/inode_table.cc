@@ -2,8 +2,13 @@
 
 #include "fs/fuse_ops.h"
 #include "fs/log.h"
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 namespace envelopefs {
 
@@ -38,17 +43,38 @@ OpenFile::~OpenFile() {
   if (direct_fd >= 0) close(direct_fd);
 }
 
-Inode::~Inode() {
+BackingPath::~BackingPath() {
   if (fd >= 0) close(fd);
 }
 
-InodeTable::InodeTable(int root_fd) {
+namespace {
+
+// The file handle of `fd`'s node (struct file_handle and its bytes), or empty if it has none.
+std::vector<unsigned char> handle_of(int fd) {
+  alignas(file_handle) unsigned char buf[sizeof(file_handle) + MAX_HANDLE_SZ];
+  auto* fh = reinterpret_cast<file_handle*>(buf);
+  fh->handle_bytes = MAX_HANDLE_SZ;
+  int mount_id = 0;
+  if (name_to_handle_at(fd, "", fh, &mount_id, AT_EMPTY_PATH) != 0) return {};
+  return std::vector<unsigned char>(buf, buf + sizeof(file_handle) + fh->handle_bytes);
+}
+
+int open_handle(int mount_fd, std::vector<unsigned char>& handle) {
+  // O_PATH names the node itself, a symlink too: nothing is followed from a handle.
+  return open_by_handle_at(mount_fd, reinterpret_cast<file_handle*>(handle.data()), O_PATH | O_CLOEXEC);
+}
+
+}  // namespace
+
+InodeTable::InodeTable(int root_fd) : root_fd_(root_fd) {
   struct stat st;
   fstat(root_fd, &st);
   auto root = std::make_shared<Inode>();
   root->id = FUSE_ROOT_ID;
-  root->fd = root_fd;
+  root->path = std::make_shared<const BackingPath>(root_fd);
+  root->keep_path = true;
   root->dev = st.st_dev;
+  root_dev_ = st.st_dev;
   root->ino = st.st_ino;
   root->type = S_IFDIR;
   root->nlookup = 1;  // the root is never forgotten
@@ -56,18 +82,137 @@ InodeTable::InodeTable(int root_fd) {
   by_backing_[{st.st_dev, st.st_ino}] = FUSE_ROOT_ID;
 }
 
+InodeTable::~InodeTable() {
+  if (mount_fd_ >= 0) close(mount_fd_);
+}
+
 std::shared_ptr<Inode> InodeTable::get(uint64_t id) {
+  // Every request starts here, holding no lock: the place to give descriptors back.
+  if (held_.load(std::memory_order_relaxed) > trim_at_.load(std::memory_order_relaxed)) trim();
   std::lock_guard lock(mu_);
   auto it = by_id_.find(id);
   return it == by_id_.end() ? nullptr : it->second;
 }
 
+Result<PathRef> InodeTable::path(Inode& i) {
+  std::lock_guard lock(i.path_mu);
+  if (i.path) {
+    i.used.store(true, std::memory_order_relaxed);
+  } else {
+    // Closed by trim(), which kept the handle. No trim from here (the caller may hold the
+    // inode's lock); the next request's get() brings the count back under the budget.
+    int fd = i.handle.empty() ? -1 : open_handle(mount_fd_, i.handle);
+    if (fd < 0) {
+      const int err = i.handle.empty() ? EBADF : errno == ENOENT ? ESTALE : errno;
+      return Status::Io(err, "open backing node by its handle");
+    }
+    // Not marked used: only a second use protects it, so a scan over more nodes than the
+    // budget does not push out the ones used again and again.
+    i.path = std::make_shared<const BackingPath>(fd);
+    if (i.in_table) held_.fetch_add(1, std::memory_order_relaxed);
+    reopened_.fetch_add(1, std::memory_order_relaxed);
+  }
+  return i.path;
+}
+
+bool InodeTable::limit_descriptors(size_t budget, std::string* why) {
+  std::vector<unsigned char> h = handle_of(root_fd_);
+  if (h.empty()) {
+    *why = std::string("the backing filesystem gives no file handles (") + std::strerror(errno) + ")";
+    return false;
+  }
+  // open_by_handle_at wants a real descriptor of the filesystem, not an O_PATH one.
+  if (mount_fd_ < 0) mount_fd_ = openat(root_fd_, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (mount_fd_ < 0) {
+    *why = std::string("the cipher dir cannot be opened (") + std::strerror(errno) + ")";
+    return false;
+  }
+  int fd = open_handle(mount_fd_, h);
+  if (fd < 0) {
+    *why = std::string("file handles cannot be opened (") + std::strerror(errno) +
+           (errno == EPERM ? "; that needs CAP_DAC_READ_SEARCH)" : ")");
+    return false;
+  }
+  close(fd);
+  budget_.store(std::max<size_t>(budget, 64), std::memory_order_relaxed);
+  trim_at_.store(budget_.load());
+  return true;
+}
+
+void InodeTable::trim() {
+  std::unique_lock pass(trim_mu_, std::try_to_lock);
+  if (!pass.owns_lock()) return;  // another thread is at it
+  trimmed_.store(true);
+  const size_t budget = budget_.load(std::memory_order_relaxed);
+  const size_t target = budget - budget / 8;  // room for a burst of new inodes before the next pass
+  std::vector<PathRef> closing;               // closed once the table lock is released
+  std::lock_guard lock(mu_);
+  // Clock order from where the last pass stopped: an inode used since the hand last passed
+  // it (or since it came in) gets a second chance. Two sweeps at most: the first may only
+  // clear those marks.
+  size_t steps = 2 * by_id_.size();
+  auto it = by_id_.upper_bound(hand_);
+  while (held_.load(std::memory_order_relaxed) > target && steps-- > 0) {
+    if (it == by_id_.end()) it = by_id_.begin();
+    hand_ = it->first;
+    Inode& i = *it->second;
+    ++it;
+    if (i.used.exchange(false, std::memory_order_relaxed)) continue;
+    // An inode's lock can be held across a disk read (an open reading its header): skipped,
+    // so the table lock is never held waiting for one.
+    std::unique_lock ilock(i.mu, std::try_to_lock);
+    if (!ilock.owns_lock() || i.open) continue;
+    std::lock_guard plock(i.path_mu);
+    if (!i.path || i.keep_path) continue;
+    if (i.handle.empty()) {
+      // Only through the root's filesystem, and not a node without links: its handle would
+      // open nothing, while a process may still hold it (an O_PATH descriptor, a cwd).
+      struct stat st;
+      if (i.dev != root_dev_ || fstat(i.path->fd, &st) != 0 || st.st_nlink == 0 ||
+          (i.handle = handle_of(i.path->fd)).empty()) {
+        i.keep_path = true;
+        continue;
+      }
+    }
+    closing.push_back(std::move(i.path));
+    held_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  // A pass that could not get down to the target (too many open files, or in use) is not
+  // tried again by every request: only once another eighth of the budget has come on top.
+  trim_at_.store(std::max(budget, held_.load(std::memory_order_relaxed) + budget / 8));
+}
+
+void InodeTable::keep_before_removal(int dir_fd, const char* entry) {
+  // Nothing to do until a descriptor was ever closed (the usual case: no stat).
+  if (!trimmed_.load(std::memory_order_relaxed)) return;
+  struct stat st;
+  if (fstatat(dir_fd, entry, &st, AT_SYMLINK_NOFOLLOW) != 0) return;
+  std::shared_ptr<Inode> i = find(st.st_dev, st.st_ino);
+  if (!i) return;
+  {
+    std::lock_guard lock(i->path_mu);
+    i->keep_path = true;
+  }
+  (void)path(*i);
+}
+
 std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t parent) {
+  if (held_.load(std::memory_order_relaxed) > trim_at_.load(std::memory_order_relaxed)) trim();
   std::lock_guard lock(mu_);
   if (auto it = by_backing_.find({st.st_dev, st.st_ino}); it != by_backing_.end()) {
-    close(fd);
     auto inode = by_id_.at(it->second);
     inode->nlookup++;
+    inode->used.store(true, std::memory_order_relaxed);
+    {
+      // A descriptor trim() closed comes back for free: the caller just opened the node.
+      std::lock_guard plock(inode->path_mu);
+      if (!inode->path) {
+        inode->path = std::make_shared<const BackingPath>(fd);
+        held_.fetch_add(1, std::memory_order_relaxed);
+        fd = -1;
+      }
+    }
+    if (fd >= 0) close(fd);
     if (parent != 0) {
       std::lock_guard ilock(inode->mu);
       inode->parent = parent;
@@ -76,7 +221,7 @@ std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t
   }
   auto inode = std::make_shared<Inode>();
   inode->id = next_++;
-  inode->fd = fd;
+  inode->path = std::make_shared<const BackingPath>(fd);
   inode->dev = st.st_dev;
   inode->ino = st.st_ino;
   inode->type = st.st_mode & S_IFMT;
@@ -84,6 +229,7 @@ std::shared_ptr<Inode> InodeTable::adopt(int fd, const struct stat& st, uint64_t
   inode->parent = parent;
   by_id_[inode->id] = inode;
   by_backing_[{st.st_dev, st.st_ino}] = inode->id;
+  held_.fetch_add(1, std::memory_order_relaxed);
   return inode;
 }
 
@@ -99,6 +245,9 @@ void InodeTable::forget(uint64_t id, uint64_t n) {
     by_backing_.erase({inode.dev, inode.ino});
     gone = std::move(it->second);
     by_id_.erase(it);
+    std::lock_guard plock(gone->path_mu);
+    gone->in_table = false;
+    if (gone->path) held_.fetch_sub(1, std::memory_order_relaxed);
   }
   // The Inode closes its fd when `gone` (or its last other user) drops it, outside the table
   // lock: for an unlinked file that close frees the blocks (and discards them, on a backing

@@ -3,7 +3,17 @@
 // the kernel is ESTALE, not a use-after-free). Hard links share one Inode, keyed by the backing
 // (dev, ino).
 //
-// Lock order: InodeTable::mu_ before Inode::mu. Neither is held across backing I/O of file data.
+// The kernel remembers an inode until memory runs short, so a walk over a large tree leaves
+// one descriptor per file it met: more than RLIMIT_NOFILE allows (fs.nr_open, 1,048,576, for
+// root; the hard limit, often far less, for anyone else), and then every request failed with
+// EMFILE. So the table keeps at most a budget of descriptors (limit_descriptors): past it, the
+// descriptors of inodes that are not open and were not used lately are closed, and the file
+// handle of each (name_to_handle_at) opens it again when the kernel next asks about it. That
+// needs CAP_DAC_READ_SEARCH (open_by_handle_at) and a backing filesystem with file handles;
+// without them there is no budget, as before.
+//
+// Lock order: InodeTable::mu_ before Inode::mu before Inode::path_mu. None is held across
+// backing I/O of file data.
 #pragma once
 
 #include <sys/stat.h>
@@ -15,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fs/cipher_file.h"
@@ -56,9 +67,19 @@ struct OpenFile {
   ~OpenFile();  // applies deferred times
 };
 
+// An O_PATH descriptor of a backing node (never of what a symlink names), closed when the last
+// holder lets go: a request keeps working with it while the table takes it from its inode.
+struct BackingPath {
+  explicit BackingPath(int f) : fd(f) {}
+  ~BackingPath();
+  BackingPath(const BackingPath&) = delete;
+  BackingPath& operator=(const BackingPath&) = delete;
+  const int fd;
+};
+using PathRef = std::shared_ptr<const BackingPath>;
+
 struct Inode {
   uint64_t id = 0;
-  int fd = -1;  // O_PATH | O_NOFOLLOW
   dev_t dev = 0;
   ino_t ino = 0;
   mode_t type = 0;  // S_IFMT bits
@@ -71,16 +92,40 @@ struct Inode {
   uint64_t parent = 0;          // a directory holding this inode (last seen)
   bool entry_unsynced = false;  // created or renamed since that directory was fsynced
 
-  ~Inode();
+  // The descriptor, through InodeTable::path (which may have to open it again).
+  std::mutex path_mu;                 // guards the four below
+  PathRef path;                       // null while the table has closed it
+  std::vector<unsigned char> handle;  // a struct file_handle, once the descriptor was closed
+  bool keep_path = false;             // never closed: the root, an unlinked node, no file handle
+  bool in_table = true;               // counted in the table's descriptors
+  std::atomic<bool> used{false};      // again since it came in, or since the clock last passed
 };
 
 class InodeTable {
  public:
   explicit InodeTable(int root_fd);
+  ~InodeTable();
+  InodeTable(const InodeTable&) = delete;
+  InodeTable& operator=(const InodeTable&) = delete;
   // nullptr if the kernel names an inode we do not have (ESTALE).
   std::shared_ptr<Inode> get(uint64_t id);
+  // The inode's backing descriptor, opened again from its file handle if the table closed it
+  // (ESTALE if the node is gone from the backing filesystem). Hold it while it is used.
+  Result<PathRef> path(Inode& inode);
+  // From now on at most `budget` descriptors (a few more while requests hold them). False,
+  // with `why`, where closed descriptors could not be opened again: no budget then.
+  bool limit_descriptors(size_t budget, std::string* why);
+  // The inode of backing node `entry` of `dir_fd`, if the kernel knows it, keeps its
+  // descriptor from now on: called before the node's last link may go (unlink, rmdir, a
+  // rename over it), after which its file handle would open nothing, while the kernel may
+  // still ask about it (the SETATTR after an UNLINK, an O_PATH descriptor of it in a process).
+  void keep_before_removal(int dir_fd, const char* entry);
+  size_t budget() const { return budget_.load(std::memory_order_relaxed); }
+  size_t descriptors() const { return held_.load(std::memory_order_relaxed); }
+  uint64_t reopened() const { return reopened_.load(std::memory_order_relaxed); }
   // Finds the inode for backing (dev, ino) or adopts `fd` as a new one; bumps its lookup
-  // count. Takes ownership of `fd` (closed if an inode already existed). `parent` 0: the
+  // count. Takes ownership of `fd` (closed if an inode already existed, unless that one's own
+  // descriptor had been closed: then `fd` takes its place). `parent` 0: the
   // daemon's own use (fs/block_rewrap.h), which counts as a lookup, given back with
   // forget(id, 1), so the kernel's forgets cannot drop the inode (and a later LOOKUP make a
   // second one) while the daemon works on it; the inode's parent is left as it was.
@@ -92,6 +137,21 @@ class InodeTable {
   std::vector<uint64_t> ids();
 
  private:
+  // Closes unused descriptors, clock-wise from where the last pass stopped, down to 7/8 of the
+  // budget.
+  void trim();
+
+  const int root_fd_;
+  dev_t root_dev_ = 0;
+  int mount_fd_ = -1;  // the cipher dir opened for open_by_handle_at, once a budget is set
+  std::atomic<size_t> held_{1};
+  std::atomic<size_t> budget_{SIZE_MAX};
+  std::atomic<size_t> trim_at_{SIZE_MAX};  // the count above which a request calls trim()
+  std::atomic<bool> trimmed_{false};
+  std::atomic<uint64_t> reopened_{0};
+  std::mutex trim_mu_;  // one pass at a time; guards hand_
+  uint64_t hand_ = 0;
+
   std::mutex mu_;
   uint64_t next_ = 2;
   std::map<uint64_t, std::shared_ptr<Inode>> by_id_;

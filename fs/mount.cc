@@ -121,9 +121,8 @@ class SessionGuard {
 // (fs/inode_table.h), and the kernel remembers as many as memory allows: far past the usual
 // soft limit of 1024 descriptors (under it, cp -r of /usr/include failed with EMFILE at its
 // thousandth file). So the soft limit goes up to the hard one and, for root, both up to
-// fs.nr_open. Returns the limit in force.
-constexpr rlim_t kFewDescriptors = 65536;
-
+// fs.nr_open; the inode table then keeps to half of it (the rest is for open files). Returns
+// the limit in force.
 rlim_t raise_open_file_limit() {
   rlimit rl{};
   if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
@@ -137,6 +136,9 @@ rlim_t raise_open_file_limit() {
   if (setrlimit(RLIMIT_NOFILE, &rl) != 0) (void)getrlimit(RLIMIT_NOFILE, &rl);
   return rl.rlim_cur;
 }
+
+// Below this many descriptors, and with none given back (no file handles), a mount warns.
+constexpr rlim_t kFewDescriptors = 65536;
 
 int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
@@ -180,6 +182,8 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
   }
   Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), fs_options);
+  std::string no_budget;
+  const bool budgeted = fs.inodes().limit_descriptors(fd_limit / 2, &no_budget);
 
   std::string opts = "default_permissions,fsname=" + cipher + ",subtype=envelopefs";
   if (o.allow_other) opts += ",allow_other";
@@ -210,11 +214,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   }
   raise_readahead(mountpoint, 1024);
   log_info("mounted " + cipher + " on " + mountpoint + " (backing I/O: " + fs.io().name() + ")");
-  if (fd_limit < kFewDescriptors) {
-    log_error("only " + std::to_string(fd_limit) +
-              " open files allowed (RLIMIT_NOFILE); every file the kernel remembers takes one, so a "
-              "large tree will fail with EMFILE: raise the hard limit (LimitNOFILE= in a systemd "
-              "unit, ulimit -Hn)");
+  if (!budgeted && fd_limit < kFewDescriptors) {
+    log_error("only " + std::to_string(fd_limit) + " open files allowed (RLIMIT_NOFILE) and " + no_budget +
+              ", so the descriptors of the files the kernel remembers cannot be given back: a large tree "
+              "will fail with EMFILE; raise the hard limit (LimitNOFILE= in a systemd unit, ulimit -Hn)");
   }
   audit_from_daemon(mounted);
   if (o.foreground) std::fprintf(stderr, "envelopefs: mounted %s on %s\n", cipher.c_str(), o.mountpoint.c_str());
@@ -254,6 +257,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (ring && ring->used()) {
     ring->stop();
     log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
+  }
+  if (budgeted) {
+    log_info("backing descriptors: at most " + std::to_string(fs.inodes().budget()) + " held, " +
+             std::to_string(fs.inodes().reopened()) + " opened again from file handles");
   }
   log_info("unmounted " + mountpoint + "; keys zeroized");
   AuditRecord gone = mounted;

@@ -51,9 +51,10 @@ class Volume:
     def path(self, *parts):
         return os.path.join(self.mnt, *parts)
 
-    def mount(self, *args, transport=TRANSPORT):
+    def mount(self, *args, transport=TRANSPORT, prefix=()):
         """Mounts with `args`, through `transport` (the ctest variant's unless the args name one;
-        None: no --fuse-transport at all, the daemon's default)."""
+        None: no --fuse-transport at all, the daemon's default). `prefix` runs the command
+        under a wrapper (`prlimit ...`)."""
         args = list(args)
         if "--fuse-transport" in args:
             self.transport = args[args.index("--fuse-transport") + 1]
@@ -61,7 +62,7 @@ class Volume:
             self.transport = transport
             if transport:
                 args[:0] = ["--fuse-transport", transport]
-        run([BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
+        run([*prefix, BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
         assert is_mounted(self.mnt)
 
     def ring_served(self):

@@ -1,6 +1,7 @@
 """POSIX behaviour of a mounted volume: round trips across remount, confidentiality of the
 cipher dir, and the operations a local filesystem must support."""
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -10,8 +11,8 @@ import resource
 import stat
 import subprocess
 
-from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, main, rand_bytes, read_file,
-                    renameat2, run, write_file)
+from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, libc, main, rand_bytes,
+                    read_file, renameat2, run, write_file)
 
 SIZES = [0, 1, 100, 4095, 4096, 4097, 31 * 4096 - 1, 31 * 4096, 31 * 4096 + 1, (1 << 20) + 3, 5 << 20]
 
@@ -215,6 +216,98 @@ class Namespace(VolumeTest):
         self.assertEqual(len(os.listdir(self.vol.path("many"))), 3000)
         for i in range(0, 3000, 7):
             self.assertEqual(read_file(self.vol.path("many", f"f{i}")), b"%d" % i)
+
+    def test_a_tree_larger_than_the_descriptor_limit(self):
+        """The kernel remembers inodes until memory runs short, so a walk over a large tree
+        can leave more of them than the daemon may hold descriptors (fs.nr_open, 1,048,576,
+        for root; the hard limit for anyone else). Under a hard limit of 512 the daemon keeps
+        256 of them and opens the others again from their file handles: a tree of 3,000
+        nodes must then read, change and survive a remount as any other, and a file unlinked
+        while a process still holds it must still answer."""
+        self.vol.unmount()
+        self.vol.mount(prefix=["prlimit", "--nofile=512:512"])
+        if "cannot be given back" in self.vol.log_text():
+            self.skipTest("the backing filesystem here has no file handles")
+        root = self.vol.path("tree")
+        os.mkdir(root)
+        expect, links = {}, {}
+
+        def at(d, name):
+            return os.path.join(root, f"d{d}", name)
+
+        for d in range(30):
+            os.mkdir(os.path.join(root, f"d{d}"))
+            for f in range(100):
+                expect[at(d, f"f{f}")] = b"%d/%d" % (d, f)
+                write_file(at(d, f"f{f}"), expect[at(d, f"f{f}")])
+        for d in range(30):
+            os.symlink("f0", at(d, "link"))
+            links[at(d, "link")] = "f0"
+            os.link(at(d, "f1"), at((d + 1) % 30, "hard"))
+            expect[at((d + 1) % 30, "hard")] = expect[at(d, "f1")]
+            os.setxattr(at(d, "f2"), "user.k", b"v%d" % d)
+        # Held by path only (no FUSE open), then unlinked: its last link is gone.
+        held = os.open(at(0, "f3"), os.O_PATH)
+        os.unlink(at(0, "f3"))
+        del expect[at(0, "f3")]
+
+        def check():
+            for p, data in expect.items():
+                self.assertEqual(read_file(p), data, p)
+            for p, target in links.items():
+                self.assertEqual(os.readlink(p), target, p)
+                self.assertEqual(read_file(p), expect[os.path.join(os.path.dirname(p), target)], p)
+            for d in range(30):
+                self.assertEqual(os.getxattr(at(d, "f2"), "user.k"), b"v%d" % d)
+                self.assertEqual(os.stat(at(d, "f1")).st_nlink, 2)
+
+        check()
+        try:
+            # statx with AT_STATX_FORCE_SYNC: the kernel asks the daemon, not its cache.
+            buf = ctypes.create_string_buffer(256)
+            rc = libc.statx(held, b"", 0x1000 | 0x2000, 0xFFF, buf)  # AT_EMPTY_PATH
+            self.assertEqual(rc, 0, os.strerror(ctypes.get_errno()))
+            self.assertEqual(int.from_bytes(buf.raw[16:20], "little"), 0, "st_nlink of an unlinked file")
+        finally:
+            os.close(held)
+        for d in range(0, 30, 2):  # moves, mode and time changes, removals of known nodes
+            for f in range(10, 20):
+                os.rename(at(d, f"f{f}"), at(d + 1, f"m{f}"))
+                expect[at(d + 1, f"m{f}")] = expect.pop(at(d, f"f{f}"))
+            os.chmod(at(d, "f20"), 0o600)
+            os.utime(at(d, "link"), ns=(5 * 10**18, 5 * 10**18), follow_symlinks=False)
+            for f in range(30, 40):
+                os.unlink(at(d, f"f{f}"))
+                del expect[at(d, f"f{f}")]
+        for f in list(os.listdir(os.path.join(root, "d29"))):
+            os.unlink(at(29, f))
+            expect.pop(at(29, f), None)
+            links.pop(at(29, f), None)
+        os.rmdir(os.path.join(root, "d29"))
+        os.setxattr(at(1, "f2"), "user.k", b"changed")
+        check_changes = [(at(0, "f20"), 0o600), (at(2, "f20"), 0o600)]
+
+        def check_all():
+            self.assertEqual(sorted(os.listdir(root)), sorted(f"d{d}" for d in range(29)))
+            names = {os.path.join(root, d, n) for d in os.listdir(root) for n in os.listdir(os.path.join(root, d))}
+            self.assertEqual(names, set(expect) | set(links))
+            for p, data in expect.items():
+                self.assertEqual(read_file(p), data, p)
+            for p, mode in check_changes:
+                self.assertEqual(stat.S_IMODE(os.stat(p).st_mode), mode, p)
+            self.assertEqual(os.lstat(at(4, "link")).st_mtime_ns, 5 * 10**18)
+            self.assertEqual(os.getxattr(at(1, "f2"), "user.k"), b"changed")
+
+        check_all()
+        self.vol.unmount()
+        reopened = [int(line.split(", ")[1].split()[0]) for line in self.vol.log_text().splitlines()
+                    if "opened again from file handles" in line]
+        self.assertTrue(reopened and reopened[-1] > 0, "the daemon never gave a descriptor back")
+        self.vol.mount()
+        check_all()
+        self.vol.unmount()
+        self.assertEqual(run([BIN, "fsck", "-q", self.vol.cipher], check=False).returncode, 0)
+        self.vol.mount()
 
 
 class EmptyDirectories(VolumeTest):
