@@ -173,7 +173,16 @@ Result<std::string> decrypt_name(const VolumeKeys& keys, const DirNonce& nonce, 
   if (backing.rfind(kLongNamePrefix, 0) == 0 && backing.find(kLongNameSuffix) == std::string_view::npos) {
     std::string side = std::string(backing) + kLongNameSuffix;
     int fd = openat(dir_fd, side.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0) return Status(Code::kCorrupt, "long name record " + side + " is missing");
+    if (fd < 0) {
+      // The entry goes first and its record after it (unlink, rename), so a listing can meet
+      // an entry whose record is gone the moment after: then the entry is gone too.
+      struct stat st;
+      if (errno == ENOENT && fstatat(dir_fd, std::string(backing).c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 &&
+          errno == ENOENT) {
+        return Status(Code::kNotFound, "entry removed while it was listed");
+      }
+      return Status(Code::kCorrupt, "long name record " + side + " is missing");
+    }
     encoded.resize(4096);
     ssize_t n = read(fd, encoded.data(), encoded.size());
     close(fd);
