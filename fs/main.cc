@@ -19,6 +19,7 @@
 
 #include "fs/block_rewrap.h"
 #include "fs/fsck.h"
+#include "fs/volume_lock.h"
 #include "fs/mount.h"
 #include "fs/names.h"
 #include "keyhierarchy/audit_log.h"
@@ -202,23 +203,6 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
               to_hex(v->config.volume_id).c_str(), dir.c_str(), v->provider->describe().c_str(),
               v->config.block_size);
   return 0;
-}
-
-struct MountEntry {
-  std::string source, target;
-};
-
-std::vector<MountEntry> envelopefs_mounts() {
-  std::vector<MountEntry> out;
-  std::ifstream f("/proc/self/mounts");
-  std::string line;
-  while (std::getline(f, line)) {
-    std::istringstream ls(line);
-    std::string src, dst, type;
-    ls >> src >> dst >> type;
-    if (type == "fuse.envelopefs") out.push_back({src, dst});
-  }
-  return out;
 }
 
 int cmd_status(std::string path, bool json) {

@@ -23,6 +23,7 @@
 #include "fs/block_rewrap.h"
 #include "fs/key_watch.h"
 #include "fs/log.h"
+#include "fs/volume_lock.h"
 
 namespace envelopefs {
 namespace {
@@ -152,6 +153,9 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   else if (!o.foreground) log_to(LogTarget::kSyslog);
 
   std::string cipher = absolute(o.cipher_dir);
+  // Held (never closed) until the daemon exits; before the keys are asked for.
+  auto volume_lock = lock_volume(cipher, o.read_only);
+  if (!volume_lock.ok()) return fail(ready, o.foreground, "cannot mount: " + volume_lock.status().message());
   auto volume = open_volume(cipher, o.provider);
   if (!volume.ok()) {
     audit_from_daemon(audit_failure("mount", cipher, volume.status()));

@@ -905,6 +905,42 @@ class ErrorsAndCli(VolumeTest):
         self.assertIn("does not unwrap", r.stderr)
         self.assertFalse(is_mounted(self.vol.mnt))
 
+    def test_a_volume_mounted_read_write_is_not_mounted_again(self):
+        """Two daemons on one cipher dir would each write the metadata pages they cached, over
+        each other's block keys. A second mount is refused, read-write or read-only, naming
+        where the volume is mounted, and mounts nothing; read-only mounts may share it; the
+        lock goes with the daemon, even one killed."""
+        write_file(self.vol.path("f"), b"mounted once")
+        other = os.path.join(self.vol.root, "other")
+        os.mkdir(other)
+        self.addCleanup(lambda: is_mounted(other) and subprocess.run(["umount", "-l", other]))
+        for extra in ([], ["-o", "ro"]):
+            r = run([BIN, "mount", *extra, self.vol.cipher, other], check=False)
+            self.assertNotEqual(r.returncode, 0, extra)
+            self.assertIn(f"{self.vol.cipher} is mounted already read-write", r.stderr)
+            self.assertIn(f"on {self.vol.mnt}", r.stderr)
+            self.assertFalse(is_mounted(other), extra)
+        # fsck still runs on a mounted volume, and says what that means.
+        r = run([BIN, "fsck", "-q", self.vol.cipher])
+        self.assertIn("is mounted read-write", r.stderr)
+        self.assertNotIn("envelopefs.lock", os.listdir(self.vol.mnt))
+        self.vol.unmount()
+        self.assertNotIn("mounted", run([BIN, "fsck", "-q", self.vol.cipher]).stderr)
+        run([BIN, "mount", "-o", "ro", self.vol.cipher, other])
+        try:
+            self.vol.mount("-o", "ro")  # read-only beside read-only
+            self.assertEqual(read_file(os.path.join(other, "f")), b"mounted once")
+            self.vol.unmount()
+            r = run([BIN, "mount", self.vol.cipher, self.vol.mnt], check=False)
+            self.assertIn("is mounted already read-only", r.stderr)  # read-write beside it: no
+            self.assertFalse(is_mounted(self.vol.mnt))
+        finally:
+            run([BIN, "unmount", other])
+        self.vol.mount()
+        self.vol.kill9()
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("f")), b"mounted once")
+
     def test_mount_t_fuse_envelopefs_as_fstab_would(self):
         import shutil
         from common import BIN, is_mounted

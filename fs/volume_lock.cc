@@ -1,0 +1,75 @@
+#include "fs/volume_lock.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace envelopefs {
+
+std::vector<MountEntry> envelopefs_mounts() {
+  std::vector<MountEntry> out;
+  std::ifstream f("/proc/self/mounts");
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream ls(line);
+    std::string src, dst, type;
+    ls >> src >> dst >> type;
+    if (type == "fuse.envelopefs") out.push_back({src, dst});
+  }
+  return out;
+}
+
+namespace {
+
+// An open-file-description lock of the whole file (F_OFD_SETLK): released with the last
+// descriptor of that open, or the process's death; and F_OFD_GETLK can look without taking.
+struct flock whole_file(short type) {
+  struct flock l {};
+  l.l_type = type;
+  l.l_whence = SEEK_SET;
+  return l;
+}
+
+}  // namespace
+
+Result<int> lock_volume(const std::string& cipher_dir, bool read_only) {
+  const std::string path = cipher_dir + "/" + kVolumeLockName;
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0 && read_only && (errno == EROFS || errno == EACCES)) {
+    fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 && errno == ENOENT) return -1;
+  }
+  if (fd < 0) return Status::Io(errno, "open " + path);
+  struct flock l = whole_file(read_only ? F_RDLCK : F_WRLCK);
+  if (fcntl(fd, F_OFD_SETLK, &l) == 0) return fd;
+  const int err = errno;
+  struct flock held = whole_file(F_WRLCK);  // what stands in the way: a reader's or a writer's
+  const bool by_reader = fcntl(fd, F_OFD_GETLK, &held) == 0 && held.l_type == F_RDLCK;
+  close(fd);
+  if (err != EAGAIN && err != EACCES) return Status::Io(err, "lock " + path);
+  std::string where;
+  for (const MountEntry& m : envelopefs_mounts()) {
+    if (m.source == cipher_dir) where += (where.empty() ? " on " : ", ") + m.target;
+  }
+  return Status(Code::kIoError,
+                cipher_dir + " is mounted already" + (by_reader ? " read-only" : " read-write") +
+                    (where.empty() ? " (by a daemon this mount namespace does not show)" : where) +
+                    ": two daemons writing one volume would overwrite each other's block keys",
+                EBUSY);
+}
+
+bool volume_in_use(const std::string& cipher_dir) {
+  const std::string path = cipher_dir + "/" + kVolumeLockName;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return false;
+  struct flock l = whole_file(F_RDLCK);  // what a reader would meet: a writer's lock
+  const bool held = fcntl(fd, F_OFD_GETLK, &l) == 0 && l.l_type != F_UNLCK;
+  close(fd);
+  return held;
+}
+
+}  // namespace envelopefs
