@@ -153,9 +153,11 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   else if (!o.foreground) log_to(LogTarget::kSyslog);
 
   std::string cipher = absolute(o.cipher_dir);
-  // Held (never closed) until the daemon exits; before the keys are asked for.
-  auto volume_lock = lock_volume(cipher, o.read_only);
-  if (!volume_lock.ok()) return fail(ready, o.foreground, "cannot mount: " + volume_lock.status().message());
+  // Before the keys are asked for; declared before `fs`, so it is let go (and the volume
+  // written back) only once every backing file is closed.
+  auto locked = lock_volume(cipher, o.read_only);
+  if (!locked.ok()) return fail(ready, o.foreground, "cannot mount: " + locked.status().message());
+  VolumeLock volume_lock = std::move(locked).value();
   auto volume = open_volume(cipher, o.provider);
   if (!volume.ok()) {
     audit_from_daemon(audit_failure("mount", cipher, volume.status()));
@@ -258,6 +260,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   watch.reset();
   rewrap.reset();  // a walk in progress stops here; the next mount goes on
   session.unmount();
+  if (!o.read_only) volume_lock.write_back();
   if (ring && ring->used()) {
     ring->stop();
     log_info("FUSE over io_uring served " + std::to_string(ring->served()) + " requests");
@@ -312,19 +315,38 @@ int run_mount(const MountOptions& o) {
 }
 
 int run_unmount(const std::string& mountpoint) {
+  // The volume mounted there, if the daemon writes it: once unmounted, we wait for its daemon
+  // to write it back and let its lock go (VolumeLock), so that what was written through the
+  // mount is on disk when this returns.
+  std::error_code ec;
+  const std::string target = std::filesystem::weakly_canonical(mountpoint, ec).string();
+  std::string cipher;
+  for (const MountEntry& m : envelopefs_mounts()) {
+    if (m.target == target && volume_in_use(m.source)) cipher = m.source;
+  }
   if (geteuid() == 0) {
-    if (umount2(mountpoint.c_str(), 0) == 0) return 0;
-    std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), std::strerror(errno));
-    return 1;
+    if (umount2(mountpoint.c_str(), 0) != 0) {
+      std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), std::strerror(errno));
+      return 1;
+    }
+  } else {
+    pid_t pid = fork();
+    if (pid == 0) {
+      execlp("fusermount3", "fusermount3", "-u", mountpoint.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
   }
-  pid_t pid = fork();
-  if (pid == 0) {
-    execlp("fusermount3", "fusermount3", "-u", mountpoint.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
+  constexpr int kSayAfter = 2, kGiveUpAfter = 600;
+  if (!cipher.empty() && !wait_for_release(cipher, kSayAfter, kGiveUpAfter)) {
+    std::fprintf(stderr,
+                 "envelopefs: unmounted %s, but its daemon has not finished writing %s back after %d s; "
+                 "what it still holds reaches the disk when it does\n",
+                 mountpoint.c_str(), cipher.c_str(), kGiveUpAfter);
   }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+  return 0;
 }
 
 }  // namespace envelopefs

@@ -3,10 +3,15 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
+
+#include "fs/log.h"
 
 namespace envelopefs {
 
@@ -36,16 +41,24 @@ struct flock whole_file(short type) {
 
 }  // namespace
 
-Result<int> lock_volume(const std::string& cipher_dir, bool read_only) {
+VolumeLock::~VolumeLock() {
+  if (fd_ < 0) return;
+  if (write_back_ && syncfs(fd_) != 0) {
+    log_error(std::string("unmount: syncfs of the cipher dir: ") + std::strerror(errno));
+  }
+  close(fd_);  // the lock goes with it
+}
+
+Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only) {
   const std::string path = cipher_dir + "/" + kVolumeLockName;
   int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0 && read_only && (errno == EROFS || errno == EACCES)) {
     fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0 && errno == ENOENT) return -1;
+    if (fd < 0 && errno == ENOENT) return VolumeLock();
   }
   if (fd < 0) return Status::Io(errno, "open " + path);
   struct flock l = whole_file(read_only ? F_RDLCK : F_WRLCK);
-  if (fcntl(fd, F_OFD_SETLK, &l) == 0) return fd;
+  if (fcntl(fd, F_OFD_SETLK, &l) == 0) return VolumeLock(fd);
   const int err = errno;
   struct flock held = whole_file(F_WRLCK);  // what stands in the way: a reader's or a writer's
   const bool by_reader = fcntl(fd, F_OFD_GETLK, &held) == 0 && held.l_type == F_RDLCK;
@@ -60,6 +73,22 @@ Result<int> lock_volume(const std::string& cipher_dir, bool read_only) {
                     (where.empty() ? " (by a daemon this mount namespace does not show)" : where) +
                     ": two daemons writing one volume would overwrite each other's block keys",
                 EBUSY);
+}
+
+bool wait_for_release(const std::string& cipher_dir, int quiet_for, int limit) {
+  const auto start = std::chrono::steady_clock::now();
+  bool said = false;
+  while (volume_in_use(cipher_dir)) {
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (waited > std::chrono::seconds(limit)) return false;
+    if (!said && waited > std::chrono::seconds(quiet_for)) {
+      std::fprintf(stderr, "envelopefs: waiting for the daemon to write %s back to disk...\n",
+                   cipher_dir.c_str());
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
 }
 
 bool volume_in_use(const std::string& cipher_dir) {

@@ -16,11 +16,36 @@ namespace envelopefs {
 
 inline constexpr char kVolumeLockName[] = "envelopefs.lock";
 
-// The locked descriptor (for the daemon to keep open; close-on-exec), or -1 where a
-// read-only mount finds no lock file and cannot make one (a read-only backing filesystem:
-// nothing can write the volume there). A volume mounted already: EBUSY, with a message naming
-// where, if this mount namespace shows it.
-Result<int> lock_volume(const std::string& cipher_dir, bool read_only);
+// The lock, held until the object is destroyed. Its release is the daemon's last act: once
+// the unmounted daemon has closed every file, `write_back()` asked for it makes the release
+// wait for the backing filesystem's syncfs, so that `envelopefs unmount`, which waits for the
+// release, returns with the volume on disk, as a disk filesystem's unmount does. (Nothing
+// else would: the kernel sends a FUSE daemon no syncfs, and the backing files' page cache
+// could hold the last writes for half a minute after the unmount.)
+class VolumeLock {
+ public:
+  VolumeLock() = default;
+  explicit VolumeLock(int fd) : fd_(fd) {}
+  VolumeLock(VolumeLock&& o) noexcept : fd_(o.fd_), write_back_(o.write_back_) { o.fd_ = -1; }
+  VolumeLock& operator=(VolumeLock&&) = delete;
+  VolumeLock(const VolumeLock&) = delete;
+  ~VolumeLock();
+  void write_back() { write_back_ = true; }
+
+ private:
+  int fd_ = -1;  // -1: no lock (a read-only mount where none could be made)
+  bool write_back_ = false;
+};
+
+// A read-only mount that finds no lock file and cannot make one (a read-only backing
+// filesystem: nothing can write the volume there) gets an empty lock. A volume mounted
+// already: EBUSY, with a message naming where, if this mount namespace shows it.
+Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only);
+
+// After the unmount of a volume mounted read-write: waits until its daemon has let the lock go
+// (written it back and exited), saying so on stderr after `quiet_for` seconds; false if it
+// still holds it after `limit` seconds.
+bool wait_for_release(const std::string& cipher_dir, int quiet_for, int limit);
 
 // Whether a daemon holds the volume read-write now (for fsck and status: what a check reads
 // while the mount writes can look damaged).

@@ -287,5 +287,58 @@ while True:
 """.replace("HERE", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
+
+class UnmountWritesBack(unittest.TestCase):
+    """`envelopefs unmount` returns with the volume on disk, as a disk filesystem's unmount
+    does: the daemon syncs the backing filesystem after closing every file, and unmount
+    waits for it. Here the cipher dir is on an ext4 image on a loop device, whose write
+    counter (/sys/block/loopN/stat) tells whether a `sync` right after the unmount still
+    had the volume's data to write: it must not. (cutfs cannot show this: the kernel sends
+    no syncfs to a FUSE filesystem.)"""
+
+    def setUp(self):
+        self.vol = Volume(init=False)
+        self.addCleanup(self.vol.cleanup)
+        image = os.path.join(self.vol.root, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(512 << 20)
+        if run(["mkfs.ext4", "-q", "-F", image], check=False).returncode != 0:
+            self.skipTest("mkfs.ext4 is not usable here")
+        r = run(["losetup", "-f", "--show", image], check=False)
+        if r.returncode != 0:
+            self.skipTest("no loop device: " + r.stderr.strip())
+        self.loop = r.stdout.strip()
+        self.addCleanup(run, ["losetup", "-d", self.loop], check=False)
+        self.disk = os.path.join(self.vol.root, "disk")
+        os.mkdir(self.disk)
+        run(["mount", self.loop, self.disk])
+        self.addCleanup(run, ["umount", "-l", self.disk], check=False)
+        # First of all (cleanups run last in, first out): the volume, mounted on the disk.
+        self.addCleanup(lambda: is_mounted(self.vol.mnt) and run(["umount", "-l", self.vol.mnt], check=False))
+        self.vol.cipher = os.path.join(self.disk, "cipher")
+        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+
+    def sectors_written(self):
+        with open(f"/sys/block/{os.path.basename(self.loop)}/stat") as f:
+            return int(f.read().split()[6])
+
+    def test_nothing_is_left_to_write_when_unmount_returns(self):
+        self.vol.mount()
+        data = rand_bytes(64 << 20, 5)
+        with open(self.vol.path("big"), "wb") as f:  # no fsync: the page caches hold it
+            f.write(data)
+        for i in range(200):
+            with open(self.vol.path(f"small{i}"), "wb") as f:
+                f.write(b"%d" % i)
+        run([BIN, "unmount", self.vol.mnt])
+        before = self.sectors_written()
+        run(["sync", "-f", self.disk])
+        left = (self.sectors_written() - before) * 512
+        self.assertLess(left, 1 << 20, f"{left} bytes were still to write after the unmount returned")
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("big")), data)
+        self.assertEqual(read_file(self.vol.path("small199")), b"199")
+
+
 if __name__ == "__main__":
     main()
