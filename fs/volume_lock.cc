@@ -57,9 +57,18 @@ Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only) {
     if (fd < 0 && errno == ENOENT) return VolumeLock();
   }
   if (fd < 0) return Status::Io(errno, "open " + path);
-  struct flock l = whole_file(read_only ? F_RDLCK : F_WRLCK);
-  if (fcntl(fd, F_OFD_SETLK, &l) == 0) return VolumeLock(fd);
-  const int err = errno;
+  // A daemon killed a moment ago may still be exiting, its files (and the lock) not yet
+  // closed: a crash test or a script remounting right after `kill -9` waits for that a little,
+  // rather than being told the volume is mounted.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  int err = 0;
+  for (;;) {
+    struct flock l = whole_file(read_only ? F_RDLCK : F_WRLCK);
+    if (fcntl(fd, F_OFD_SETLK, &l) == 0) return VolumeLock(fd);
+    err = errno;
+    if ((err != EAGAIN && err != EACCES) || std::chrono::steady_clock::now() > deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   struct flock held = whole_file(F_WRLCK);  // what stands in the way: a reader's or a writer's
   const bool by_reader = fcntl(fd, F_OFD_GETLK, &held) == 0 && held.l_type == F_RDLCK;
   close(fd);

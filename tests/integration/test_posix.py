@@ -10,6 +10,7 @@ import os
 import resource
 import stat
 import subprocess
+import sys
 
 from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, libc, main, rand_bytes,
                     read_file, renameat2, run, write_file)
@@ -940,6 +941,27 @@ class ErrorsAndCli(VolumeTest):
         self.vol.kill9()
         self.vol.mount()
         self.assertEqual(read_file(self.vol.path("f")), b"mounted once")
+
+    def test_a_lock_let_go_within_moments_is_waited_for(self):
+        """A daemon killed a moment ago may still be closing its files: a mount right after
+        waits for its lock a little instead of calling the volume mounted. One held on stays
+        a refusal. (The holder here is a process with a POSIX lock on the file, which
+        conflicts with the daemon's open-file-description lock as another daemon's would.)"""
+        self.vol.unmount()
+        lock = os.path.join(self.vol.cipher, "envelopefs.lock")
+        holder = ("import fcntl, sys, time; f = open(sys.argv[1], 'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+                  "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+        for hold, refused in ((0.7, False), (4, True)):
+            p = subprocess.Popen([sys.executable, "-c", holder, lock, str(hold)], stdout=subprocess.PIPE, text=True)
+            self.assertEqual(p.stdout.readline(), "held\n")
+            r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
+            p.wait()
+            self.assertEqual(is_mounted(self.vol.mnt), not refused, r.stderr)
+            if refused:
+                self.assertIn("is mounted already read-write (by a daemon this mount namespace does not show)",
+                              r.stderr)
+            else:
+                self.vol.unmount()
 
     def test_mount_t_fuse_envelopefs_as_fstab_would(self):
         import shutil
