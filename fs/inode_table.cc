@@ -144,13 +144,15 @@ void InodeTable::trim() {
   if (!pass.owns_lock()) return;  // another thread is at it
   trimmed_.store(true);
   const size_t budget = budget_.load(std::memory_order_relaxed);
-  const size_t target = budget - budget / 8;  // room for a burst of new inodes before the next pass
+  // Room for a burst of new inodes before the next pass; at most 4,096 closed per pass (each
+  // may cost a name_to_handle_at and a stat, ~2 us, with the table lock held).
+  const size_t target = budget - std::min<size_t>(budget / 8, 4096);
   std::vector<PathRef> closing;               // closed once the table lock is released
   std::lock_guard lock(mu_);
   // Clock order from where the last pass stopped: an inode used since the hand last passed
   // it (or since it came in) gets a second chance. Two sweeps at most: the first may only
   // clear those marks.
-  size_t steps = 2 * by_id_.size();
+  size_t steps = std::min<size_t>(2 * by_id_.size(), 1 << 16);
   auto it = by_id_.upper_bound(hand_);
   while (held_.load(std::memory_order_relaxed) > target && steps-- > 0) {
     if (it == by_id_.end()) it = by_id_.begin();
@@ -179,7 +181,8 @@ void InodeTable::trim() {
   }
   // A pass that could not get down to the target (too many open files, or in use) is not
   // tried again by every request: only once another eighth of the budget has come on top.
-  trim_at_.store(std::max(budget, held_.load(std::memory_order_relaxed) + budget / 8));
+  const size_t now = held_.load(std::memory_order_relaxed);
+  trim_at_.store(now <= target ? budget : std::max(budget, now + budget / 8));
 }
 
 void InodeTable::keep_before_removal(int dir_fd, const char* entry) {

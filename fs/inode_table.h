@@ -137,8 +137,8 @@ class InodeTable {
   std::vector<uint64_t> ids();
 
  private:
-  // Closes unused descriptors, clock-wise from where the last pass stopped, down to 7/8 of the
-  // budget.
+  // Closes unused descriptors, clock-wise from where the last pass stopped, down to the budget
+  // less an eighth of it (4,096 at most).
   void trim();
 
   const int root_fd_;
