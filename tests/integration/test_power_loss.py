@@ -50,7 +50,9 @@ class PowerLoss(unittest.TestCase):
         """Everything above the disk dies at once; the disk loses what was not made durable."""
         self.vol.kill9()
         self.cutfs.send_signal(signal.SIGUSR1)
-        for _ in range(200):
+        # Undoing a database's writes (and fsyncing each file) can take seconds under ASan on a
+        # busy machine: 10 s once was not enough.
+        for _ in range(1200):
             if os.path.exists(self.done):
                 break
             time.sleep(0.05)
@@ -75,7 +77,9 @@ class PowerLoss(unittest.TestCase):
 
     def power_cut_without_mount(self):
         self.cutfs.send_signal(signal.SIGUSR1)
-        for _ in range(200):
+        # Undoing a database's writes (and fsyncing each file) can take seconds under ASan on a
+        # busy machine: 10 s once was not enough.
+        for _ in range(1200):
             if os.path.exists(self.done):
                 break
             time.sleep(0.05)
