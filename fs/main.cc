@@ -192,6 +192,11 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
   audit({"init", "ok", to_hex(v->config.volume_id), dir, v->config.root_uri, v->provider->describe()});
   int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   Status st = fd < 0 ? Status::Io(errno, "open " + dir) : create_dir_nonce(fd, nonce_store_of(v->config)).status();
+  if (st.ok()) {
+    // Made here so that a read-only mount, which makes nothing, finds it (fs/volume_lock.h).
+    int lock = openat(fd, kVolumeLockName, O_CREAT | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (lock >= 0) close(lock);
+  }
   // The root's nonce must outlive a power cut right after init, whatever happens next.
   if (st.ok() && fsync(fd) != 0) st = Status::Io(errno, "fsync " + dir);
   if (fd >= 0) close(fd);

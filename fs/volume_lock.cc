@@ -51,11 +51,13 @@ VolumeLock::~VolumeLock() {
 
 Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only) {
   const std::string path = cipher_dir + "/" + kVolumeLockName;
-  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd < 0 && read_only && (errno == EROFS || errno == EACCES)) {
-    fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0 && errno == ENOENT) return VolumeLock();
-  }
+  // A read-only mount writes nothing, not even this file (init makes it): a volume from before
+  // it existed is mounted read-only without a lock, and a read-write mount beside it is not
+  // refused. The read-only one may then read the other's changes as damage (EIO) or miss new
+  // names, but it writes nothing that could hurt the volume.
+  int fd = read_only ? open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+                     : open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0 && read_only && errno == ENOENT) return VolumeLock();
   if (fd < 0) return Status::Io(errno, "open " + path);
   // A daemon killed a moment ago may still be exiting, its files (and the lock) not yet
   // closed: a crash test or a script remounting right after `kill -9` waits for that a little,

@@ -37,9 +37,9 @@ class VolumeLock {
   bool write_back_ = false;
 };
 
-// A read-only mount that finds no lock file and cannot make one (a read-only backing
-// filesystem: nothing can write the volume there) gets an empty lock. A volume mounted
-// already: EBUSY, with a message naming where, if this mount namespace shows it.
+// A read-only mount that finds no lock file (a volume made before `init` made one; the mount
+// makes nothing) gets an empty lock. A volume mounted already: EBUSY, with a message naming
+// where, if this mount namespace shows it.
 Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only);
 
 // After the unmount of a volume mounted read-write: waits until its daemon has let the lock go

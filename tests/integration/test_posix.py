@@ -941,6 +941,13 @@ class ErrorsAndCli(VolumeTest):
         self.vol.kill9()
         self.vol.mount()
         self.assertEqual(read_file(self.vol.path("f")), b"mounted once")
+        # A read-only mount makes nothing, not even the lock file of a volume without one.
+        self.vol.unmount()
+        lock = os.path.join(self.vol.cipher, "envelopefs.lock")
+        self.assertTrue(os.path.exists(lock), "init made no lock file")
+        os.unlink(lock)
+        self.vol.mount("-o", "ro")
+        self.assertFalse(os.path.exists(lock), "a read-only mount made the lock file")
 
     def test_a_lock_let_go_within_moments_is_waited_for(self):
         """A daemon killed a moment ago may still be closing its files: a mount right after
