@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 
-from common import (BIN, Volume, VolumeTest, fallocate, is_mounted, libc, main, rand_bytes,
+from common import (BIN, TRANSPORT, Volume, VolumeTest, fallocate, is_mounted, libc, main, rand_bytes,
                     read_file, renameat2, run, write_file)
 
 SIZES = [0, 1, 100, 4095, 4096, 4097, 31 * 4096 - 1, 31 * 4096, 31 * 4096 + 1, (1 << 20) + 3, 5 << 20]
@@ -961,7 +961,8 @@ class ErrorsAndCli(VolumeTest):
         for hold, refused in ((0.7, False), (4, True)):
             p = subprocess.Popen([sys.executable, "-c", holder, lock, str(hold)], stdout=subprocess.PIPE, text=True)
             self.assertEqual(p.stdout.readline(), "held\n")
-            r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
+            transport = ["--fuse-transport", TRANSPORT] if TRANSPORT else []
+            r = run([BIN, "mount", "--log-file", self.vol.log, *transport, self.vol.cipher, self.vol.mnt], check=False)
             p.wait()
             self.assertEqual(is_mounted(self.vol.mnt), not refused, r.stderr)
             if refused:
