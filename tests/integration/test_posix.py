@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import mmap
 import multiprocessing
 import os
@@ -964,12 +965,36 @@ class ErrorsAndCli(VolumeTest):
             transport = ["--fuse-transport", TRANSPORT] if TRANSPORT else []
             r = run([BIN, "mount", "--log-file", self.vol.log, *transport, self.vol.cipher, self.vol.mnt], check=False)
             p.wait()
+            p.stdout.close()
             self.assertEqual(is_mounted(self.vol.mnt), not refused, r.stderr)
             if refused:
                 self.assertIn("is mounted already read-write (by a daemon this mount namespace does not show)",
                               r.stderr)
             else:
                 self.vol.unmount()
+
+    def test_paths_with_spaces_in_the_mount_table(self):
+        """/proc/self/mounts writes a space in a path as \\040: status, the refusal of a second
+        mount and unmount's wait for the write-back all read the table, and must name the
+        volume as it is."""
+        self.vol.unmount()
+        base = os.path.join(self.vol.root, "my volume")
+        os.mkdir(base)
+        cipher, mnt = os.path.join(base, "cipher dir"), os.path.join(base, "mount point")
+        os.mkdir(mnt)
+        os.rename(self.vol.cipher, cipher)
+        run([BIN, "mount", cipher, mnt])
+        self.addCleanup(lambda: is_mounted(mnt) and subprocess.run(["umount", "-l", mnt]))
+        write_file(os.path.join(mnt, "f"), b"spaced")
+        status = json.loads(run([BIN, "status", "--json", mnt]).stdout)
+        self.assertEqual((status["cipher_dir"], status["mounted_at"]), (cipher, [mnt]))
+        r = run([BIN, "mount", cipher, self.vol.mnt], check=False)
+        self.assertIn(f"{cipher} is mounted already read-write on {mnt}:", r.stderr)
+        run([BIN, "unmount", mnt])
+        self.assertFalse(is_mounted(mnt))
+        os.rename(cipher, self.vol.cipher)
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("f")), b"spaced")
 
     def test_mount_t_fuse_envelopefs_as_fstab_would(self):
         import shutil
