@@ -1,6 +1,5 @@
 #include "fs/fsck.h"
 
-#include "fs/volume_lock.h"
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>

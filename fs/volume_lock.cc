@@ -33,6 +33,15 @@ std::string unescape_mount_field(const std::string& s) {
   return out;
 }
 
+// An open-file-description lock of the whole file (F_OFD_SETLK): released with the last
+// descriptor of that open, or the process's death; and F_OFD_GETLK can look without taking.
+struct flock whole_file(short type) {
+  struct flock l {};
+  l.l_type = type;
+  l.l_whence = SEEK_SET;
+  return l;
+}
+
 }  // namespace
 
 std::vector<MountEntry> envelopefs_mounts() {
@@ -47,19 +56,6 @@ std::vector<MountEntry> envelopefs_mounts() {
   }
   return out;
 }
-
-namespace {
-
-// An open-file-description lock of the whole file (F_OFD_SETLK): released with the last
-// descriptor of that open, or the process's death; and F_OFD_GETLK can look without taking.
-struct flock whole_file(short type) {
-  struct flock l {};
-  l.l_type = type;
-  l.l_whence = SEEK_SET;
-  return l;
-}
-
-}  // namespace
 
 VolumeLock::~VolumeLock() {
   if (fd_ < 0) return;

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,25 @@ class Volume:
                 args[:0] = ["--fuse-transport", transport]
         run([*prefix, BIN, "mount", "--log-file", self.log, *args, self.cipher, self.mnt])
         assert is_mounted(self.mnt)
+
+    def remount_with_descriptor_limit(self, test, limit):
+        """Mounts again with the daemon under a hard open-file limit of `limit`, so that it keeps
+        half of it for the inodes the kernel remembers (fs/inode_table.h); skips `test` where
+        it cannot give descriptors back (a backing filesystem without file handles)."""
+        self.unmount()
+        self.mount(prefix=["prlimit", f"--nofile={limit}:{limit}"])
+        if "cannot be given back" in self.log_text():
+            test.skipTest("the backing filesystem here has no file handles")
+
+    def descriptor_reports(self):
+        """(budget, descriptors opened again) of each daemon that had a budget, in order, as
+        each logged on exit."""
+        out = []
+        for line in self.log_text().splitlines():
+            m = re.search(r"backing descriptors: at most (\d+) held, (\d+) opened again", line)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2))))
+        return out
 
     def ring_served(self):
         """Requests the last daemon served through FUSE over io_uring, as it logged on exit;

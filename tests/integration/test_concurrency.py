@@ -99,13 +99,9 @@ class Concurrency(VolumeTest):
         for the inodes the kernel remembers (fs/inode_table.h), so nodes are renamed, linked,
         replaced and removed while their descriptors are closed, or being opened again from
         their file handles by another request."""
-        self.vol.unmount()
-        self.vol.mount(prefix=["prlimit", "--nofile=256:256"])
-        if "cannot be given back" in self.vol.log_text():
-            self.skipTest("the backing filesystem here has no file handles")
+        self.vol.remount_with_descriptor_limit(self, 256)
         self.race_and_check()
-        reopened = [int(line.split(", ")[1].split()[0]) for line in self.vol.log_text().splitlines()
-                    if "at most 128 held" in line]
+        reopened = [n for budget, n in self.vol.descriptor_reports() if budget == 128]
         self.assertTrue(reopened and reopened[0] > 0, "the daemon never gave a descriptor back")
 
     def race_and_check(self):

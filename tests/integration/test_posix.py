@@ -226,10 +226,7 @@ class Namespace(VolumeTest):
         256 of them and opens the others again from their file handles: a tree of 3,000
         nodes must then read, change and survive a remount as any other, and a file unlinked
         while a process still holds it must still answer."""
-        self.vol.unmount()
-        self.vol.mount(prefix=["prlimit", "--nofile=512:512"])
-        if "cannot be given back" in self.vol.log_text():
-            self.skipTest("the backing filesystem here has no file handles")
+        self.vol.remount_with_descriptor_limit(self, 512)
         root = self.vol.path("tree")
         os.mkdir(root)
         expect, links = {}, {}
@@ -302,9 +299,9 @@ class Namespace(VolumeTest):
 
         check_all()
         self.vol.unmount()
-        reopened = [int(line.split(", ")[1].split()[0]) for line in self.vol.log_text().splitlines()
-                    if "opened again from file handles" in line]
-        self.assertTrue(reopened and reopened[-1] > 0, "the daemon never gave a descriptor back")
+        budget, reopened = self.vol.descriptor_reports()[-1]
+        self.assertEqual(budget, 256)
+        self.assertGreater(reopened, 0, "the daemon never gave a descriptor back")
         self.vol.mount()
         check_all()
         self.vol.unmount()

@@ -49,15 +49,7 @@ class PowerLoss(unittest.TestCase):
     def power_cut(self):
         """Everything above the disk dies at once; the disk loses what was not made durable."""
         self.vol.kill9()
-        self.cutfs.send_signal(signal.SIGUSR1)
-        # Undoing a database's writes (and fsyncing each file) can take seconds under ASan on a
-        # busy machine: 10 s once was not enough.
-        for _ in range(1200):
-            if os.path.exists(self.done):
-                break
-            time.sleep(0.05)
-        self.assertTrue(os.path.exists(self.done), "cutfs did not cut")
-        os.unlink(self.done)
+        self.power_cut_without_mount()
 
     def fsync_write(self, path, data):
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
@@ -79,10 +71,7 @@ class PowerLoss(unittest.TestCase):
         self.cutfs.send_signal(signal.SIGUSR1)
         # Undoing a database's writes (and fsyncing each file) can take seconds under ASan on a
         # busy machine: 10 s once was not enough.
-        for _ in range(1200):
-            if os.path.exists(self.done):
-                break
-            time.sleep(0.05)
+        self.assertTrue(wait_for(lambda: os.path.exists(self.done), timeout=60, step=0.05), "cutfs did not cut")
         os.unlink(self.done)
 
     def test_fsynced_data_survives_and_unsynced_reads_old_or_not_at_all(self):
