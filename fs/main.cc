@@ -18,6 +18,7 @@
 
 #include "fs/block_rewrap.h"
 #include "fs/fsck.h"
+#include "fs/mount_table.h"
 #include "fs/volume_lock.h"
 #include "fs/mount.h"
 #include "fs/names.h"
@@ -210,15 +211,16 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
 }
 
 int cmd_status(std::string path, bool json) {
-  std::error_code ec;
-  path = std::filesystem::weakly_canonical(path, ec).string();
+  path = resolve_path(path);
   std::string cipher = path;
-  std::vector<std::string> mounted_at;
-  for (const auto& m : envelopefs_mounts()) {
+  const std::vector<MountEntry> mounts = envelopefs_mounts();
+  for (const auto& m : mounts) {
     if (m.target == path) cipher = m.source;
   }
-  for (const auto& m : envelopefs_mounts()) {
-    if (m.source == cipher) mounted_at.push_back(m.target);
+  // A mount whose daemon has gone is listed apart: it answers nothing until it is unmounted.
+  std::vector<std::string> mounted_at, dead_mounts;
+  for (const auto& m : mounts) {
+    if (m.source == cipher) (is_dead_mount(m.target) ? dead_mounts : mounted_at).push_back(m.target);
   }
   auto config = load_config(cipher);
   if (!config.ok()) {
@@ -233,6 +235,7 @@ int cmd_status(std::string path, bool json) {
                       {"block_size", c.block_size},
                       {"key_provider", c.root_uri},
                       {"mounted_at", mounted_at},
+                      {"dead_mounts", dead_mounts},
                       {"deks", nlohmann::json::array()}};
   // Where the block keys are (fs/block_rewrap.h): all under the active DEK once a walk is done.
   const uint32_t active = c.active_dek()->version;
@@ -267,8 +270,13 @@ int cmd_status(std::string path, bool json) {
                 d.state == DekState::kActive ? "active" : "retired", d.created.c_str());
   }
   std::printf("  block keys:   %s\n", block_keys.c_str());
-  if (mounted_at.empty()) std::printf("  mounted:      no\n");
+  if (mounted_at.empty() && dead_mounts.empty()) std::printf("  mounted:      no\n");
   for (const auto& m : mounted_at) std::printf("  mounted at:   %s\n", m.c_str());
+  for (const auto& m : dead_mounts) {
+    std::printf("  dead mount:   %s (its daemon has gone; `envelopefs mount` of this volume there replaces it, "
+                "`envelopefs unmount` clears it)\n",
+                m.c_str());
+  }
   return 0;
 }
 

@@ -23,6 +23,7 @@
 #include "fs/block_rewrap.h"
 #include "fs/key_watch.h"
 #include "fs/log.h"
+#include "fs/mount_table.h"
 #include "fs/volume_lock.h"
 
 namespace envelopefs {
@@ -93,6 +94,30 @@ bool want_ring(const MountOptions& o, std::string* why) {
   return true;
 }
 
+// Whether `mountpoint` can take the mount, asked before the keys are: a directory, or a dead
+// mount of this volume (its daemon gone), which the mount replaces at the last moment
+// (`*replace` set). A dead mount of anything else is left for its owner to clear.
+Status check_mountpoint(const std::string& mountpoint, const std::string& cipher, bool* replace) {
+  *replace = false;
+  if (!is_dead_mount(mountpoint)) {
+    struct stat st {};
+    if (stat(mountpoint.c_str(), &st) != 0) return Status::Io(errno, "mountpoint " + mountpoint);
+    if (S_ISDIR(st.st_mode)) return Status::Ok();
+    return Status(Code::kInvalidArgument, "mountpoint " + mountpoint + " is not a directory", ENOTDIR);
+  }
+  const std::string dead = dead_envelopefs_mount(resolve_path(mountpoint));
+  if (!dead.empty() && resolve_path(dead) == resolve_path(cipher)) {
+    *replace = true;
+    return Status::Ok();
+  }
+  return Status(Code::kIoError,
+                mountpoint + " is a FUSE mount whose daemon has gone (Transport endpoint is not connected)" +
+                    (dead.empty() ? std::string() : ", of envelopefs volume " + dead) +
+                    "; unmount it first (envelopefs unmount " + mountpoint + ", or fusermount3 -u " + mountpoint +
+                    ")",
+                ENOTCONN);
+}
+
 // The FUSE session and what has been done to it so far, undone in reverse order on every way
 // out of serve(), the failed starts included.
 class SessionGuard {
@@ -153,6 +178,10 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   else if (!o.foreground) log_to(LogTarget::kSyslog);
 
   std::string cipher = absolute(o.cipher_dir);
+  bool replace_dead_mount = false;
+  if (Status st = check_mountpoint(o.mountpoint, cipher, &replace_dead_mount); !st.ok()) {
+    return fail(ready, o.foreground, "cannot mount: " + st.message());
+  }
   // Before the keys are asked for; declared before `fs`, so it is let go (and the volume
   // written back) only once every backing file is closed.
   auto locked = lock_volume(cipher, o.read_only);
@@ -205,6 +234,17 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   if (se == nullptr) return fail(ready, o.foreground, "cannot start a FUSE session (bad -o option?)");
   SessionGuard session(se);
   if (!session.install_signal_handlers()) return fail(ready, o.foreground, "cannot install signal handlers");
+  // Only now that the volume is open: had a wrong key refused it after the dead mount was
+  // gone, the mountpoint would be left a plain directory for whatever writes there next.
+  if (replace_dead_mount) {
+    if (Status st = detach_mount(o.mountpoint); !st.ok()) {
+      return fail(ready, o.foreground, "cannot clear the dead mount on " + o.mountpoint + ": " + st.to_string());
+    }
+    const std::string note = "replaced the mount of " + cipher + " on " + mountpoint +
+                             " left by a daemon that ended without unmounting";
+    log_info(note);
+    std::fprintf(stderr, "envelopefs: %s\n", note.c_str());
+  }
   if (!session.mount(o.mountpoint)) {
     return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
   }
@@ -318,11 +358,19 @@ int run_unmount(const std::string& mountpoint) {
   // The volume mounted there, if the daemon writes it: once unmounted, we wait for its daemon
   // to write it back and let its lock go (VolumeLock), so that what was written through the
   // mount is on disk when this returns.
-  std::error_code ec;
-  const std::string target = std::filesystem::weakly_canonical(mountpoint, ec).string();
+  const std::string target = resolve_path(mountpoint);
   std::string cipher;
   for (const MountEntry& m : envelopefs_mounts()) {
     if (m.target == target && volume_in_use(m.source)) cipher = m.source;
+  }
+  // A dead mount (its daemon gone) writes nothing back, and processes may still hold its files
+  // open, which would make a plain unmount EBUSY: it is detached.
+  if (is_dead_mount(mountpoint)) {
+    if (Status st = detach_mount(mountpoint); !st.ok()) {
+      std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), st.to_string().c_str());
+      return 1;
+    }
+    return 0;
   }
   if (geteuid() == 0) {
     if (umount2(mountpoint.c_str(), 0) != 0) {

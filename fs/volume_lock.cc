@@ -7,31 +7,14 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "fs/log.h"
+#include "fs/mount_table.h"
 
 namespace envelopefs {
 
 namespace {
-
-// A field of /proc/self/mounts as it names a path: the kernel writes a space, tab, newline or
-// backslash in one as \040, \011, \012 or \134.
-std::string unescape_mount_field(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    auto octal = [&](size_t k) { return k < s.size() && s[k] >= '0' && s[k] <= '7'; };
-    if (s[i] == '\\' && octal(i + 1) && octal(i + 2) && octal(i + 3)) {
-      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
-      i += 3;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
 
 // An open-file-description lock of the whole file (F_OFD_SETLK): released with the last
 // descriptor of that open, or the process's death; and F_OFD_GETLK can look without taking.
@@ -43,19 +26,6 @@ struct flock whole_file(short type) {
 }
 
 }  // namespace
-
-std::vector<MountEntry> envelopefs_mounts() {
-  std::vector<MountEntry> out;
-  std::ifstream f("/proc/self/mounts");
-  std::string line;
-  while (std::getline(f, line)) {
-    std::istringstream ls(line);
-    std::string src, dst, type;
-    ls >> src >> dst >> type;
-    if (type == "fuse.envelopefs") out.push_back({unescape_mount_field(src), unescape_mount_field(dst)});
-  }
-  return out;
-}
 
 VolumeLock::~VolumeLock() {
   if (fd_ < 0) return;

@@ -8,7 +8,6 @@
 #pragma once
 
 #include <string>
-#include <vector>
 
 #include "crypto/status.h"
 
@@ -50,11 +49,5 @@ bool wait_for_release(const std::string& cipher_dir, int quiet_for, int limit);
 // Whether a daemon holds the volume read-write now (for fsck and status: what a check reads
 // while the mount writes can look damaged).
 bool volume_in_use(const std::string& cipher_dir);
-
-// The envelopefs mounts of this mount namespace: cipher dir (the fsname) and mountpoint.
-struct MountEntry {
-  std::string source, target;
-};
-std::vector<MountEntry> envelopefs_mounts();
 
 }  // namespace envelopefs

@@ -1,13 +1,17 @@
 """kill -9 of the daemon in the middle of writes: after remounting, everything fsynced is
 intact and every block reads as a version that was written to it (never EIO). And in the
 middle of processes racing on names (test_concurrency's race): every name still reads, every
-file published under one is whole, link counts match, and fsck finds nothing."""
+file published under one is whole, link counts match, and fsck finds nothing. And the dead
+mount a killed daemon leaves: status names it, a mount of its volume replaces it, unmount
+clears it, and nothing else does."""
+import errno
+import json
 import os
 import random
 import threading
 import time
 
-from common import BIN, Volume, main, read_file, run
+from common import BIN, Volume, is_mounted, main, read_file, run, write_file
 from test_concurrency import check_tree, start_race
 import unittest
 
@@ -112,6 +116,104 @@ class Crash(unittest.TestCase):
                 self.assertEqual(fsck.returncode, 0, f"kill after {delay} s: " + fsck.stdout + fsck.stderr)
             finally:
                 vol.cleanup()
+
+
+def is_dead(path):
+    """Whether `path` is a mount whose daemon has gone: a listing fails with ENOTCONN (a stat
+    may still be answered from the attributes the kernel cached)."""
+    try:
+        os.listdir(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def mount_count(path):
+    with open("/proc/self/mounts") as f:
+        return sum(1 for line in f if line.split()[1] == path)
+
+
+class DeadMount(unittest.TestCase):
+    """A daemon killed without unmounting leaves its mount in place, every access ENOTCONN: it
+    fails closed, rather than let writes fall through to the directory beneath in plaintext.
+    `envelopefs mount` of the same volume replaces it (once the volume is open), `unmount`
+    clears it, `status` says which it is; nothing else touches it."""
+
+    KEPT = b"fsynced before the kill"
+
+    def setUp(self):
+        self.vol = Volume()
+        self.vol.mount()
+        write_file(self.vol.path("kept"), self.KEPT, fsync=True)
+
+    def tearDown(self):
+        self.vol.cleanup()
+
+    def kill(self):
+        self.vol.kill9()
+        self.assertTrue(is_dead(self.vol.mnt))
+
+    def status(self):
+        return json.loads(run([BIN, "status", "--json", self.vol.mnt]).stdout)
+
+    def test_status_names_it_and_a_mount_of_the_volume_replaces_it(self):
+        self.kill()
+        text = run([BIN, "status", self.vol.mnt]).stdout
+        self.assertIn("dead mount:   " + self.vol.mnt + " (its daemon has gone", text)
+        self.assertNotIn("mounted at:", text)
+        self.assertEqual((self.status()["mounted_at"], self.status()["dead_mounts"]), ([], [self.vol.mnt]))
+        self.vol.mount()
+        self.assertIn("left by a daemon that ended without unmounting", self.vol.log_text())
+        self.assertEqual(mount_count(self.vol.mnt), 1, "mounted on top of the dead mount")
+        self.assertEqual(read_file(self.vol.path("kept")), self.KEPT)
+        self.assertEqual((self.status()["mounted_at"], self.status()["dead_mounts"]), ([self.vol.mnt], []))
+        self.vol.unmount()
+        self.assertFalse(is_mounted(self.vol.mnt))
+
+    def test_a_mount_that_fails_leaves_it_in_place(self):
+        self.kill()
+        os.rename(self.vol.key, self.vol.key + ".away")  # the root key is unavailable
+        r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("cannot open volume", r.stderr)
+        # Still dead: not an empty directory that a process could now write plaintext into.
+        self.assertTrue(is_dead(self.vol.mnt))
+        with self.assertRaises(OSError) as e:
+            write_file(self.vol.path("new"), b"plaintext")
+        self.assertEqual(e.exception.errno, errno.ENOTCONN)
+        os.rename(self.vol.key + ".away", self.vol.key)
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("kept")), self.KEPT)
+        self.assertEqual(os.listdir(self.vol.mnt), ["kept"])
+
+    def test_unmount_clears_it_while_files_are_still_open(self):
+        fd = os.open(self.vol.path("kept"), os.O_RDONLY)
+        try:
+            self.kill()
+            run([BIN, "unmount", self.vol.mnt])
+            self.assertFalse(is_mounted(self.vol.mnt))
+            self.assertEqual(os.listdir(self.vol.mnt), [])  # the directory beneath
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.vol.mount()
+        self.assertEqual(read_file(self.vol.path("kept")), self.KEPT)
+
+    def test_a_dead_mount_of_another_volume_is_not_replaced(self):
+        other = Volume()
+        try:
+            self.kill()
+            r = run([BIN, "mount", "--log-file", other.log, other.cipher, self.vol.mnt], check=False)
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("is a FUSE mount whose daemon has gone", r.stderr)
+            self.assertIn("of envelopefs volume " + self.vol.cipher, r.stderr)
+            self.assertIn("unmount it first", r.stderr)
+            self.assertTrue(is_dead(self.vol.mnt))
+            self.assertEqual(mount_count(self.vol.mnt), 1)
+        finally:
+            other.cleanup()
 
 
 if __name__ == "__main__":

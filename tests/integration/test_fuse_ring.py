@@ -104,7 +104,7 @@ class FuseRing(VolumeTest):
             f.write(b"x" * 10000)
             f.flush()
             os.fsync(f.fileno())
-        self.vol.kill9()  # also lazily unmounts the dead mountpoint
+        self.vol.kill9()
         self.vol.mount()
         self.assertEqual(read_file(self.vol.path("kept")), b"x" * 10000)
 

@@ -1,0 +1,41 @@
+// Where envelopefs volumes are mounted, as this mount namespace's mount table says, and the
+// mounts whose daemon has gone.
+//
+// A daemon that dies without unmounting (SIGKILL, the OOM killer, a crash) leaves its mount in
+// the table: every access to it fails with ENOTCONN ("Transport endpoint is not connected")
+// until it is unmounted. That is failing closed, and it is kept so: were the mount taken away
+// by itself, a database still running would create its next files in the directory beneath,
+// in plaintext. Clearing it is left to whoever mounts the volume again (`envelopefs mount`
+// replaces its own volume's dead mount) or unmounts it.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "crypto/status.h"
+
+namespace envelopefs {
+
+// An envelopefs mount: cipher dir (the fsname) and mountpoint, unescaped.
+struct MountEntry {
+  std::string source, target;
+};
+std::vector<MountEntry> envelopefs_mounts();
+
+// `path` made absolute with its symlinks resolved, as the mount table names mountpoints. A
+// dead mount cannot be looked at (ENOTCONN), so then only the directories leading to it are
+// resolved.
+std::string resolve_path(const std::string& path);
+
+// Whether `path` is a FUSE mount whose daemon has gone (ENOTCONN).
+bool is_dead_mount(const std::string& path);
+
+// The cipher dir of the dead envelopefs mount at resolved mountpoint `target` ("" if there is
+// none: no mount, a live one, or another filesystem's).
+std::string dead_envelopefs_mount(const std::string& target);
+
+// Detaches the (dead) mount at `path`: umount2(MNT_DETACH) as root, `fusermount3 -u -z`
+// otherwise. Detached, not unmounted, since a process may still hold a file of it open.
+Status detach_mount(const std::string& path);
+
+}  // namespace envelopefs
