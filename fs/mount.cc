@@ -118,6 +118,22 @@ Status check_mountpoint(const std::string& mountpoint, const std::string& cipher
                 ENOTCONN);
 }
 
+// The mountpoint was looked at before (check_mountpoint), so a failed FUSE mount is /dev/fuse
+// or the kernel's refusal; libfuse has printed its own line already, in the foreground.
+std::string why_fuse_mount_failed() {
+  int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    return std::string("cannot open /dev/fuse: ") + std::strerror(err) +
+           (err == EACCES ? " (a mount by a user other than root needs it mode 0666, as the fuse3 package's udev "
+                            "rule sets it)"
+                          : err == ENOENT || err == ENODEV ? " (is the fuse module loaded? modprobe fuse)" : "");
+  }
+  close(fd);
+  return "the kernel or fusermount3 refused it (an allow_other without user_allow_other in /etc/fuse.conf? an "
+         "unknown -o option?)";
+}
+
 // The FUSE session and what has been done to it so far, undone in reverse order on every way
 // out of serve(), the failed starts included.
 class SessionGuard {
@@ -246,7 +262,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     std::fprintf(stderr, "envelopefs: %s\n", note.c_str());
   }
   if (!session.mount(o.mountpoint)) {
-    return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + " (does it exist? is /dev/fuse usable?)");
+    return fail(ready, o.foreground, "cannot mount on " + o.mountpoint + ": " + why_fuse_mount_failed());
   }
   // Declared after the guard: its workers are gone before the session is destroyed.
   std::unique_ptr<FuseRing> ring;
