@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 namespace envelopefs {
 
@@ -61,7 +63,14 @@ std::vector<unsigned char> handle_of(int fd) {
 
 int open_handle(int mount_fd, std::vector<unsigned char>& handle) {
   // O_PATH names the node itself, a symlink too: nothing is followed from a handle.
-  return open_by_handle_at(mount_fd, reinterpret_cast<file_handle*>(handle.data()), O_PATH | O_CLOEXEC);
+  // A node deleted behind our back was once answered ENOMEM, not ESTALE (a CI run, ext4,
+  // Linux 6.18): ext4 reports "no inode from the inode cache" as out of memory, which is what
+  // an inode still on its way out gives. Asked again a moment later, it is ESTALE.
+  for (int attempt = 0;; ++attempt) {
+    int fd = open_by_handle_at(mount_fd, reinterpret_cast<file_handle*>(handle.data()), O_PATH | O_CLOEXEC);
+    if (fd >= 0 || errno != ENOMEM || attempt == 20) return fd;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 }  // namespace
