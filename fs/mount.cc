@@ -1,7 +1,6 @@
 #include "fs/mount.h"
 
 #include <fcntl.h>
-#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -253,8 +252,8 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   // Only now that the volume is open: had a wrong key refused it after the dead mount was
   // gone, the mountpoint would be left a plain directory for whatever writes there next.
   if (replace_dead_mount) {
-    if (Status st = detach_mount(o.mountpoint); !st.ok()) {
-      return fail(ready, o.foreground, "cannot clear the dead mount on " + o.mountpoint + ": " + st.to_string());
+    if (Status st = unmount_path(o.mountpoint, /*detach=*/true); !st.ok()) {
+      return fail(ready, o.foreground, st.message() + " (the dead mount there)");
     }
     const std::string note = "replaced the mount of " + cipher + " on " + mountpoint +
                              " left by a daemon that ended without unmounting";
@@ -379,30 +378,15 @@ int run_unmount(const std::string& mountpoint) {
   for (const MountEntry& m : envelopefs_mounts()) {
     if (m.target == target && volume_in_use(m.source)) cipher = m.source;
   }
-  // A dead mount (its daemon gone) writes nothing back, and processes may still hold its files
-  // open, which would make a plain unmount EBUSY: it is detached.
-  if (is_dead_mount(mountpoint)) {
-    if (Status st = detach_mount(mountpoint); !st.ok()) {
-      std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), st.to_string().c_str());
-      return 1;
-    }
-    return 0;
+  // A dead mount (its daemon gone) has nothing to write back, and processes may still hold its
+  // files open, which would make a plain unmount EBUSY: it is detached. (The volume may be in
+  // use all the same, mounted again elsewhere: that daemon is not waited for.)
+  const bool dead = is_dead_mount(mountpoint);
+  if (Status st = unmount_path(mountpoint, /*detach=*/dead); !st.ok()) {
+    std::fprintf(stderr, "envelopefs: %s\n", st.message().c_str());
+    return 1;
   }
-  if (geteuid() == 0) {
-    if (umount2(mountpoint.c_str(), 0) != 0) {
-      std::fprintf(stderr, "envelopefs: cannot unmount %s: %s\n", mountpoint.c_str(), std::strerror(errno));
-      return 1;
-    }
-  } else {
-    pid_t pid = fork();
-    if (pid == 0) {
-      execlp("fusermount3", "fusermount3", "-u", mountpoint.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return 1;
-  }
+  if (dead) return 0;
   constexpr int kSayAfter = 2, kGiveUpAfter = 600;
   if (!cipher.empty() && !wait_for_release(cipher, kSayAfter, kGiveUpAfter)) {
     std::fprintf(stderr,

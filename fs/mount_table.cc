@@ -73,21 +73,23 @@ std::string dead_envelopefs_mount(const std::string& target) {
   return source;
 }
 
-Status detach_mount(const std::string& path) {
+Status unmount_path(const std::string& path, bool detach) {
   if (geteuid() == 0) {
-    if (umount2(path.c_str(), MNT_DETACH) != 0) return Status::Io(errno, "unmount " + path);
+    if (umount2(path.c_str(), detach ? MNT_DETACH : 0) != 0) return Status::Io(errno, "cannot unmount " + path);
     return Status::Ok();
   }
   pid_t pid = fork();
-  if (pid < 0) return Status::Io(errno, "fork");
+  if (pid < 0) return Status::Io(errno, "cannot unmount " + path + ": fork");
   if (pid == 0) {
-    execlp("fusermount3", "fusermount3", "-u", "-z", path.c_str(), static_cast<char*>(nullptr));
+    execlp("fusermount3", "fusermount3", detach ? "-uz" : "-u", path.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
   int status = 0;
   waitpid(pid, &status, 0);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return Status(Code::kIoError, "fusermount3 -u -z " + path + " failed", EPERM);
+    return Status(Code::kIoError,
+                  "cannot unmount " + path + ": fusermount3 " + (detach ? "-uz" : "-u") + " failed (as it says above)",
+                  EPERM);
   }
   return Status::Ok();
 }

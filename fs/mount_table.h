@@ -34,8 +34,8 @@ bool is_dead_mount(const std::string& path);
 // none: no mount, a live one, or another filesystem's).
 std::string dead_envelopefs_mount(const std::string& target);
 
-// Detaches the (dead) mount at `path`: umount2(MNT_DETACH) as root, `fusermount3 -u -z`
-// otherwise. Detached, not unmounted, since a process may still hold a file of it open.
-Status detach_mount(const std::string& path);
+// Unmounts the mount at `path`: umount2() as root, `fusermount3 -u` otherwise. `detach`: lazily
+// (MNT_DETACH, `-z`), for a dead mount, whose files a process may still hold open.
+Status unmount_path(const std::string& path, bool detach);
 
 }  // namespace envelopefs

@@ -201,6 +201,19 @@ class DeadMount(unittest.TestCase):
         self.vol.mount()
         self.assertEqual(read_file(self.vol.path("kept")), self.KEPT)
 
+    def test_unmount_does_not_wait_for_the_volume_mounted_again_elsewhere(self):
+        elsewhere = os.path.join(self.vol.root, "elsewhere")
+        os.mkdir(elsewhere)
+        self.kill()
+        run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, elsewhere])
+        try:
+            # The volume is in use, by the new daemon: only a live mount's own daemon is waited for.
+            run([BIN, "unmount", self.vol.mnt], timeout=30)
+            self.assertFalse(is_mounted(self.vol.mnt))
+            self.assertEqual(read_file(os.path.join(elsewhere, "kept")), self.KEPT)
+        finally:
+            run([BIN, "unmount", elsewhere])
+
     def test_a_dead_mount_of_another_volume_is_not_replaced(self):
         other = Volume()
         try:
