@@ -75,7 +75,8 @@ std::string dead_envelopefs_mount(const std::string& target) {
 
 Status unmount_path(const std::string& path, bool detach) {
   if (geteuid() == 0) {
-    if (umount2(path.c_str(), detach ? MNT_DETACH : 0) != 0) return Status::Io(errno, "cannot unmount " + path);
+    if (umount2(path.c_str(), detach ? MNT_DETACH : 0) != 0)
+      return Status::Io(errno, "cannot unmount " + path);
     return Status::Ok();
   }
   pid_t pid = fork();
@@ -87,9 +88,10 @@ Status unmount_path(const std::string& path, bool detach) {
   int status = 0;
   waitpid(pid, &status, 0);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return Status(Code::kIoError,
-                  "cannot unmount " + path + ": fusermount3 " + (detach ? "-uz" : "-u") + " failed (as it says above)",
-                  EPERM);
+    return Status(
+        Code::kIoError,
+        "cannot unmount " + path + ": fusermount3 " + (detach ? "-uz" : "-u") + " failed (as it says above)",
+        EPERM);
   }
   return Status::Ok();
 }
