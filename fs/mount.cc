@@ -98,6 +98,26 @@ bool want_ring(const MountOptions& o, std::string* why) {
 // (`*replace` set). A dead mount of anything else is left for its owner to clear.
 Status check_mountpoint(const std::string& mountpoint, const std::string& cipher, bool* replace) {
   *replace = false;
+  // The daemon keeps reading the cipher dir by path (the config, at each key check), and walks
+  // it (the re-wrap after a DEK rotation): a mount over it would answer those itself (the key
+  // check then finds no config and revokes the keys), and a mount inside it would be walked.
+  const std::string m = resolve_path(mountpoint), c = resolve_path(cipher);
+  auto within = [](const std::string& inner, const std::string& outer) {
+    return inner == outer || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
+                              (outer == "/" || inner[outer.size()] == '/'));
+  };
+  if (within(c, m)) {
+    return Status(Code::kInvalidArgument,
+                  "mountpoint " + mountpoint + " would hide the cipher dir " + cipher +
+                      " (the daemon reads the volume there while it runs); mount it somewhere else",
+                  EINVAL);
+  }
+  if (within(m, c)) {
+    return Status(Code::kInvalidArgument,
+                  "mountpoint " + mountpoint + " is inside the cipher dir " + cipher +
+                      " (the daemon walks that tree); mount it somewhere else",
+                  EINVAL);
+  }
   if (!is_dead_mount(mountpoint)) {
     struct stat st {};
     if (stat(mountpoint.c_str(), &st) != 0) return Status::Io(errno, "mountpoint " + mountpoint);

@@ -1014,6 +1014,24 @@ class ErrorsAndCli(VolumeTest):
         self.assertTrue(is_mounted(self.vol.mnt))
         self.assertEqual(read_file(self.vol.path("f")), b"via fstab")
 
+    def test_a_mountpoint_over_or_inside_the_cipher_dir_is_refused(self):
+        """Mounted over its own cipher dir, the daemon's key check read the config through the
+        mount, found none and revoked the keys a minute later (EKEYREVOKED on every file)."""
+        self.vol.unmount()
+        inner = os.path.join(self.vol.cipher, "inner")
+        os.mkdir(inner)
+        for mountpoint, says in [(self.vol.cipher, "would hide the cipher dir"),
+                                 (self.vol.root, "would hide the cipher dir"),
+                                 (self.vol.cipher + "/", "would hide the cipher dir"),
+                                 (inner, "is inside the cipher dir")]:
+            r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, mountpoint], check=False)
+            self.assertNotEqual(r.returncode, 0, mountpoint)
+            self.assertIn(says, r.stderr)
+            self.assertFalse(is_mounted(mountpoint.rstrip("/")))
+        os.rmdir(inner)
+        self.vol.mount()  # beside it, as always
+        write_file(self.vol.path("f"), b"still mounts")
+
     def test_a_relative_mountpoint_is_logged_and_audited_as_the_absolute_path(self):
         # The daemon changes to / once in the background: names resolved after that would be
         # wrong ("from /mnt" for a mount of ./mnt).
