@@ -212,14 +212,11 @@ int cmd_init(const std::string& dir, const std::string& kms, uint32_t block_size
 
 int cmd_status(std::string path, bool json) {
   path = resolve_path(path);
-  std::string cipher = path;
-  const std::vector<MountEntry> mounts = envelopefs_mounts();
-  for (const auto& m : mounts) {
-    if (m.target == path) cipher = m.source;
-  }
+  std::string cipher = volume_mounted_at(path);
+  if (cipher.empty()) cipher = path;
   // A mount whose daemon has gone is listed apart: it answers nothing until it is unmounted.
   std::vector<std::string> mounted_at, dead_mounts;
-  for (const auto& m : mounts) {
+  for (const auto& m : envelopefs_mounts()) {
     if (m.source == cipher) (is_dead_mount(m.target) ? dead_mounts : mounted_at).push_back(m.target);
   }
   auto config = load_config(cipher);

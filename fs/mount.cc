@@ -124,8 +124,8 @@ Status check_mountpoint(const std::string& mountpoint, const std::string& cipher
     if (S_ISDIR(st.st_mode)) return Status::Ok();
     return Status(Code::kInvalidArgument, "mountpoint " + mountpoint + " is not a directory", ENOTDIR);
   }
-  const std::string dead = dead_envelopefs_mount(resolve_path(mountpoint));
-  if (!dead.empty() && resolve_path(dead) == resolve_path(cipher)) {
+  const std::string dead = volume_mounted_at(m);
+  if (!dead.empty() && resolve_path(dead) == c) {
     *replace = true;
     return Status::Ok();
   }
@@ -393,11 +393,8 @@ int run_unmount(const std::string& mountpoint) {
   // The volume mounted there, if the daemon writes it: once unmounted, we wait for its daemon
   // to write it back and let its lock go (VolumeLock), so that what was written through the
   // mount is on disk when this returns.
-  const std::string target = resolve_path(mountpoint);
-  std::string cipher;
-  for (const MountEntry& m : envelopefs_mounts()) {
-    if (m.target == target && volume_in_use(m.source)) cipher = m.source;
-  }
+  std::string cipher = volume_mounted_at(resolve_path(mountpoint));
+  if (!cipher.empty() && !volume_in_use(cipher)) cipher.clear();
   // A dead mount (its daemon gone) has nothing to write back, and processes may still hold its
   // files open, which would make a plain unmount EBUSY: it is detached. (The volume may be in
   // use all the same, mounted again elsewhere: that daemon is not waited for.)

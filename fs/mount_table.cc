@@ -64,11 +64,10 @@ bool is_dead_mount(const std::string& path) {
   return statx(AT_FDCWD, path.c_str(), AT_STATX_FORCE_SYNC, STATX_TYPE, &stx) != 0 && errno == ENOTCONN;
 }
 
-std::string dead_envelopefs_mount(const std::string& target) {
-  if (!is_dead_mount(target)) return "";
+std::string volume_mounted_at(const std::string& target) {
   std::string source;
   for (const MountEntry& m : envelopefs_mounts()) {
-    if (m.target == target) source = m.source;  // the last one: mounts stack
+    if (m.target == target) source = m.source;  // the last one is on top
   }
   return source;
 }

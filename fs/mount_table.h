@@ -30,9 +30,9 @@ std::string resolve_path(const std::string& path);
 // Whether `path` is a FUSE mount whose daemon has gone (ENOTCONN).
 bool is_dead_mount(const std::string& path);
 
-// The cipher dir of the dead envelopefs mount at resolved mountpoint `target` ("" if there is
-// none: no mount, a live one, or another filesystem's).
-std::string dead_envelopefs_mount(const std::string& target);
+// The cipher dir of the envelopefs mount at resolved mountpoint `target`, the topmost where
+// mounts stack ("" if there is none).
+std::string volume_mounted_at(const std::string& target);
 
 // Unmounts the mount at `path`: umount2() as root, `fusermount3 -u` otherwise. `detach`: lazily
 // (MNT_DETACH, `-z`), for a dead mount, whose files a process may still hold open.

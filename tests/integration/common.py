@@ -32,9 +32,14 @@ def run(args, check=True, **kw):
     return r
 
 
-def is_mounted(path):
+def mount_count(path):
+    """How many mounts are stacked on `path`."""
     with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
+        return sum(1 for line in f if line.split()[1] == path)
+
+
+def is_mounted(path):
+    return mount_count(path) > 0
 
 
 class Volume:

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 
-from common import BIN, Volume, is_mounted, main, read_file, run, write_file
+from common import BIN, Volume, is_mounted, main, mount_count, read_file, run, write_file
 from test_concurrency import check_tree, start_race
 import unittest
 
@@ -126,11 +126,6 @@ def is_dead(path):
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
-
-
-def mount_count(path):
-    with open("/proc/self/mounts") as f:
-        return sum(1 for line in f if line.split()[1] == path)
 
 
 class DeadMount(unittest.TestCase):

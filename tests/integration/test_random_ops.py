@@ -61,15 +61,18 @@ class Run:
         self.steps = collections.deque(maxlen=20)
         self.outcomes = collections.Counter()
 
-    def path(self):
-        """Mostly a name that exists (so that calls get past ENOENT), sometimes a new one."""
-        if self.r.random() < 0.6:
-            existing = []
-            for d, dirs, files in os.walk(self.ref):
-                existing += [os.path.relpath(os.path.join(d, n), self.ref) for n in dirs + files]
-            if existing:
-                return self.r.choice(existing)
-        return "/".join(self.r.choice(NAMES) for _ in range(self.r.choice([1, 1, 2])))
+    def paths(self, n):
+        """`n` paths: mostly names that exist (so that calls get past ENOENT), sometimes new ones."""
+        existing = []
+        for d, dirs, files in os.walk(self.ref):
+            existing += [os.path.relpath(os.path.join(d, name), self.ref) for name in dirs + files]
+        out = []
+        for _ in range(n):
+            if existing and self.r.random() < 0.6:
+                out.append(self.r.choice(existing))
+            else:
+                out.append("/".join(self.r.choice(NAMES) for _ in range(self.r.choice([1, 1, 2]))))
+        return out
 
     def both(self, label, fn):
         """fn(root, which) on the reference (which 0) and the mount (1); the same answer."""
@@ -95,7 +98,7 @@ class Run:
                         "rmdir", "symlink", "chmod", "xattr", "stat", "listdir", "open", "fd", "compare",
                         "remount", "kill"],
                        [8, 10, 5, 6, 6, 2, 3, 5, 4, 3, 2, 2, 2, 5, 3, 3, 16, 0.5, 0.3, 0.5 if self.crash else 0])[0]
-        p, q = self.path(), self.path()
+        p, q = self.paths(2)
         data = r.randbytes(r.choice(SIZES))
         off = r.choice(OFFSETS + [r.randrange(600000)])
         self.steps.append(f"{op} {p!r} {q!r} {len(data)} bytes at {off}")
