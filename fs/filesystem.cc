@@ -413,7 +413,15 @@ Status Filesystem::symlink(const char* target, uint64_t parent, const char* name
   const BackingName* bn = &pl->name;
   auto stored = store_symlink(*keys_, root_fd_, target);
   if (!stored.ok()) return stored.status();
-  if (symlinkat(stored->c_str(), pfd, bn->entry.c_str()) != 0) {
+  int rc = symlinkat(stored->c_str(), pfd, bn->entry.c_str());
+  if (rc != 0 && errno == ENAMETOOLONG && !is_symlink_record_ref(*stored)) {
+    // The backing filesystem's symlinks are shorter than PATH_MAX (XFS: 1,024 bytes, which
+    // an encrypted target of ~750 bytes fills): the target goes to a record instead.
+    stored = store_symlink(*keys_, root_fd_, target, true);
+    if (!stored.ok()) return stored.status();
+    rc = symlinkat(stored->c_str(), pfd, bn->entry.c_str());
+  }
+  if (rc != 0) {
     Status st = errno_status("symlink");
     drop_symlink_record(root_fd_, *stored);
     return st;
@@ -555,7 +563,7 @@ std::string Filesystem::symlink_record_of(int dir_fd, const std::string& entry) 
   ssize_t n = readlinkat(dir_fd, entry.c_str(), buf, sizeof buf);
   if (n <= 0 || n >= static_cast<ssize_t>(sizeof buf)) return {};
   std::string stored(buf, static_cast<size_t>(n));
-  return stored.rfind(kSymlinkRefPrefix, 0) == 0 ? stored : std::string();
+  return is_symlink_record_ref(stored) ? stored : std::string();
 }
 
 int Filesystem::open_direct(int fd) {

@@ -235,7 +235,7 @@ namespace {
 // A record id is 22 base64url characters; anything else in a reference is damage, and must
 // never be used as a path (no '/', no "..").
 std::optional<std::string> record_path(std::string_view stored) {
-  if (stored.rfind(kSymlinkRefPrefix, 0) != 0) return std::nullopt;
+  if (!is_symlink_record_ref(stored)) return std::nullopt;
   std::string_view id = stored.substr(sizeof(kSymlinkRefPrefix) - 1);
   if (id.size() != 22) return std::nullopt;
   for (char c : id) {
@@ -246,9 +246,10 @@ std::optional<std::string> record_path(std::string_view stored) {
 
 }  // namespace
 
-Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target) {
+Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target,
+                                  bool in_record) {
   auto enc = encrypt_symlink(keys, target);
-  if (!enc.ok() || enc->size() < PATH_MAX) return enc;
+  if (!enc.ok() || (enc->size() < PATH_MAX && !in_record)) return enc;
   uint8_t random_id[16];
   ENVELOPEFS_RETURN_IF_ERROR(random_fill(random_id));
   const std::string id = base64url_encode(random_id);
@@ -272,7 +273,7 @@ Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::stri
 }
 
 Result<std::string> load_symlink(const VolumeKeys& keys, int root_fd, std::string_view stored) {
-  if (stored.rfind(kSymlinkRefPrefix, 0) != 0) return decrypt_symlink(keys, stored);
+  if (!is_symlink_record_ref(stored)) return decrypt_symlink(keys, stored);
   auto path = record_path(stored);
   if (!path) return Status(Code::kAuthFailed, "symlink record reference is damaged");
   int fd = openat(root_fd, path->c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);

@@ -85,8 +85,15 @@ Result<std::string> decrypt_symlink(const VolumeKeys& keys, std::string_view sto
 // `envelopefs.symlink.<id>` (fs/FORMAT.md, "Names").
 inline constexpr char kSymlinkRecordDir[] = "envelopefs.symlinks";
 inline constexpr char kSymlinkRefPrefix[] = "envelopefs.symlink.";
-// What the backing symlink should hold for `target`; writes (durably) the record if one is needed.
-Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target);
+// What the backing symlink should hold for `target`; writes (durably) the record if one is
+// needed, or always with `in_record` (a backing filesystem whose symlinks hold less than
+// PATH_MAX: XFS keeps 1,024 bytes).
+Result<std::string> store_symlink(const VolumeKeys& keys, int root_fd, std::string_view target,
+                                  bool in_record = false);
+// Whether a backing symlink's content is a reference to a record.
+inline bool is_symlink_record_ref(std::string_view stored) {
+  return stored.rfind(kSymlinkRefPrefix, 0) == 0;
+}
 // The plaintext target for what a backing symlink holds (follows a record reference).
 Result<std::string> load_symlink(const VolumeKeys& keys, int root_fd, std::string_view stored);
 // Removes the record `stored` refers to, if it refers to one (its last link is gone).
