@@ -24,7 +24,8 @@ std::atomic<size_t> g_page_budget{CipherFile::kPageBudget};
 // Everything one write-like operation changes, flushed in one ordered batch.
 struct WriteBatch {
   std::unordered_map<uint64_t, CipherFile::Page*> dirty;
-  std::vector<IoRequest> data;
+  std::vector<IoRequest> holes;  // data of blocks that were holes: written before the pages
+  std::vector<IoRequest> data;   // every other block's data: written after the pages
   std::vector<AlignedBuffer> buffers;  // from BufferPool, returned on destruction
   WriteBatch() = default;
   WriteBatch(const WriteBatch&) = delete;
@@ -363,13 +364,16 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
     Slot fresh = sealed[k];
     fresh.seq = seq_next(s[newer].seq);
     mp.set_slot(e, target, fresh);
+    // A hole inside the file has no old slot to fall back on: its data goes first, and it
+    // reads as zeros until the page lands (fs/FORMAT.md, "The two-slot rule").
+    const bool hole = b < old_count && s[0].empty() && s[1].empty();
+    std::vector<IoRequest>& runs = hole ? batch.holes : batch.data;
     // Data blocks of one group are contiguous: extend the previous request when possible.
     uint64_t off = layout_.data_offset(b);
-    if (!batch.data.empty() && batch.data.back().offset + batch.data.back().len == off &&
-        batch.data.back().buf + batch.data.back().len == cipher + k * bs) {
-      batch.data.back().len += len;
+    if (!runs.empty() && runs.back().offset + runs.back().len == off && runs.back().buf + runs.back().len == cipher + k * bs) {
+      runs.back().len += len;
     } else {
-      batch.data.push_back({fd_, cipher + k * bs, len, off, true, 0});
+      runs.push_back({fd_, cipher + k * bs, len, off, true, 0});
     }
   }
   return Status::Ok();
@@ -384,13 +388,17 @@ Status CipherFile::flush(WriteBatch& batch) {
       page_reqs.push_back({fd_, p->page->data(), kMetaPageSize, layout_.page_offset(index), true, 0});
     }
   }
+  route(batch.holes);
   route(page_reqs);
   route(batch.data);
+  // Holes first: a failure there (ENOSPC, since a hole takes new space) changes no page.
+  if (!batch.holes.empty()) ENVELOPEFS_RETURN_IF_ERROR(io_.run(batch.holes));
   ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(page_reqs, batch.data));
   if (batch.dirty.contains(0)) header_written_ = true;
   std::lock_guard lock(cache_mu_);
   for (auto& [index, p] : batch.dirty) p->dirty = false;
   batch.dirty.clear();
+  batch.holes.clear();
   batch.data.clear();
   batch.release_buffers();
   return Status::Ok();
@@ -505,7 +513,9 @@ Status CipherFile::clear_entries(uint64_t from, uint64_t to, WriteBatch& batch) 
     }
     // A long sparse extension materialises many pages; write them out as we go so the cache
     // stays bounded. Pages alone may go first: they only describe holes.
-    if (batch.dirty.size() >= 64 && batch.data.empty()) ENVELOPEFS_RETURN_IF_ERROR(flush(batch));
+    if (batch.dirty.size() >= 64 && batch.data.empty() && batch.holes.empty()) {
+      ENVELOPEFS_RETURN_IF_ERROR(flush(batch));
+    }
   }
   return Status::Ok();
 }
@@ -649,8 +659,10 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   if (!st.ok()) {
     abandon(batch);
     if (new_size > old_size) {
-      // Take back any growth so the file's end is not a half-written block.
+      // Take back any growth so the file's end is not a half-written block. The truncate
+      // also gives back what was reserved past the end: the next growth reserves again.
       (void)io_.truncate(fd_, backing_end(old_size));
+      reserved_end_ = backing_end(old_size);
     }
     return st;
   }

@@ -1,6 +1,8 @@
 // A fault-injecting IoBackend for tests: passes requests to a real backend, and on command
 // imitates a crash between the metadata and the data of a write (the "then" half of an ordered
-// batch is lost), or fails writes with an errno such as ENOSPC. Lives in tests/ only.
+// batch is lost), or fails writes with an errno such as ENOSPC: the data half of a batch, or
+// whichever group of writes comes after the first N (kFailAfterWrites, see fail_after).
+// Lives in tests/ only.
 #pragma once
 
 #include <cerrno>
@@ -11,19 +13,32 @@ namespace envelopefs::test {
 
 class FaultBackend final : public IoBackend {
  public:
-  enum class Mode { kPass, kCrashAfterMetadata, kFailData, kFailReserve, kFailAll };
+  enum class Mode { kPass, kCrashAfterMetadata, kFailData, kFailReserve, kFailAll, kFailAfterWrites };
   explicit FaultBackend(IoBackend& inner) : inner_(inner) {}
   void set(Mode m, int err = ENOSPC) {
     mode_ = m;
     err_ = err;
   }
+  // kFailAfterWrites: `groups` groups of writes (one run() call, or one half of run_ordered)
+  // complete; the next lands the first half of its first request's 4 KiB pages and fails
+  // with `err`, and so does every one after it, as a full disk or a daemon killed at that
+  // point would leave them.
+  void fail_after(int groups, int err = ENOSPC) {
+    set(Mode::kFailAfterWrites, err);
+    writes_left_ = groups;
+  }
   const char* name() const override { return "fault"; }
   Status run(std::span<IoRequest> r) override {
     if (mode_ == Mode::kFailAll) return Status::Io(err_, "injected");
+    if (mode_ == Mode::kFailAfterWrites) return counted(r);
     return inner_.run(r);
   }
   Status run_ordered(std::span<IoRequest> first, std::span<IoRequest> then) override {
     if (mode_ == Mode::kFailAll) return Status::Io(err_, "injected");
+    if (mode_ == Mode::kFailAfterWrites) {
+      ENVELOPEFS_RETURN_IF_ERROR(counted(first));
+      return counted(then);
+    }
     ENVELOPEFS_RETURN_IF_ERROR(inner_.run(first));
     if (mode_ == Mode::kCrashAfterMetadata && !then.empty()) return Status::Io(EIO, "injected crash");
     if (mode_ == Mode::kFailData && !then.empty()) {
@@ -44,9 +59,24 @@ class FaultBackend final : public IoBackend {
   }
 
  private:
+  Status counted(std::span<IoRequest> r) {
+    bool writes = false;
+    for (const IoRequest& q : r) writes |= q.write;
+    if (!writes) return inner_.run(r);
+    if (writes_left_ > 0) {
+      --writes_left_;
+      return inner_.run(r);
+    }
+    IoRequest half = r[0];
+    half.len = half.len / 2 / 4096 * 4096;  // whole blocks: a 4 KiB page is copied whole
+    if (half.len > 0) (void)inner_.run({&half, 1});
+    return Status::Io(err_, "injected");
+  }
+
   IoBackend& inner_;
   Mode mode_ = Mode::kPass;
   int err_ = ENOSPC;
+  int writes_left_ = 0;
 };
 
 }  // namespace envelopefs::test

@@ -636,6 +636,47 @@ class FileOps(VolumeTest):
             vol.remount()
             self.assertEqual(read_file(p), b"before")
 
+    def test_a_full_disk_leaves_every_block_old_or_new(self):
+        # Writes into holes need new backing space. A hole's data used to go after the page
+        # describing it, so a write that ran out of space there left blocks that read EIO: a
+        # copy that filled the disk under the writeback cache (whose writes reach the daemon
+        # out of order, filling gaps) left the file and fsck with damaged blocks.
+        for args in ((), ("--no-writeback",)):
+            with self.subTest(mount=args), self.volume_on_16_mib() as vol:
+                vol.remount(*args)
+                sparse, filler = vol.path("sparse"), vol.path("filler")
+                write_file(sparse, b"")
+                os.truncate(sparse, 12 << 20)  # holes: only the metadata pages take space
+                with self.assertRaises(OSError) as cm:
+                    with open(filler, "wb") as f:
+                        for _ in range(64):
+                            f.write(b"\xff" * (1 << 20))
+                            f.flush()
+                            os.fsync(f.fileno())
+                self.assertEqual(cm.exception.errno, errno.ENOSPC)
+                new = rand_bytes(8 << 20, 12)
+                with self.assertRaises(OSError) as cm:
+                    fd = os.open(sparse, os.O_RDWR)
+                    try:
+                        os.pwrite(fd, new, 1 << 20)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                self.assertEqual(cm.exception.errno, errno.ENOSPC)
+                vol.remount(*args)
+                self.assertEqual(read_file(vol.path("f")), b"before")
+                got = read_file(sparse)  # EIO here was the bug
+                self.assertEqual(len(got), 12 << 20)
+                want = bytes(1 << 20) + new + bytes(3 << 20)
+                for b in range(0, len(got), 4096):
+                    self.assertIn(got[b:b + 4096], (bytes(4096), want[b:b + 4096]), f"block {b // 4096}")
+                data = read_file(filler)
+                for b in range(0, len(data), 4096):
+                    self.assertIn(data[b:b + 4096], (bytes(len(data[b:b + 4096])), b"\xff" * len(data[b:b + 4096])))
+                vol.unmount()
+                r = run([BIN, "fsck", "-q", vol.cipher], check=False)
+                self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
     def test_growth_past_what_the_backing_filesystem_holds_fails_at_once(self):
         # pjdfstest's truncate/12.t and ftruncate/12.t: a size past the maximum file size is
         # EFBIG or EINVAL (nothing else) and changes nothing. Growing writes one metadata page
