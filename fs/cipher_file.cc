@@ -370,7 +370,8 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
     std::vector<IoRequest>& runs = hole ? batch.holes : batch.data;
     // Data blocks of one group are contiguous: extend the previous request when possible.
     uint64_t off = layout_.data_offset(b);
-    if (!runs.empty() && runs.back().offset + runs.back().len == off && runs.back().buf + runs.back().len == cipher + k * bs) {
+    if (!runs.empty() && runs.back().offset + runs.back().len == off &&
+        runs.back().buf + runs.back().len == cipher + k * bs) {
       runs.back().len += len;
     } else {
       runs.push_back({fd_, cipher + k * bs, len, off, true, 0});

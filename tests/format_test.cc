@@ -547,7 +547,9 @@ TEST(TwoSlots, AWriteIntoHolesThatFailsAtAnyStepLeavesOldOrNew) {
       Bytes got(bs);
       auto n = (*g)->read(b * bs, got);
       ASSERT_TRUE(n.ok()) << "block " << b << ": " << n.status().to_string();
-      auto at = [&](const Bytes& v) { return Bytes(v.begin() + static_cast<long>(b * bs), v.begin() + static_cast<long>((b + 1) * bs)); };
+      auto at = [&](const Bytes& v) {
+        return Bytes(v.begin() + static_cast<long>(b * bs), v.begin() + static_cast<long>((b + 1) * bs));
+      };
       EXPECT_TRUE(got == at(old_data) || got == at(new_data)) << "block " << b;
       if (st.ok()) {
         EXPECT_EQ(got, at(new_data)) << "block " << b;

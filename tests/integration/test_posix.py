@@ -672,7 +672,8 @@ class FileOps(VolumeTest):
                     self.assertIn(got[b:b + 4096], (bytes(4096), want[b:b + 4096]), f"block {b // 4096}")
                 data = read_file(filler)
                 for b in range(0, len(data), 4096):
-                    self.assertIn(data[b:b + 4096], (bytes(len(data[b:b + 4096])), b"\xff" * len(data[b:b + 4096])))
+                    block = data[b:b + 4096]
+                    self.assertIn(block, (bytes(len(block)), b"\xff" * len(block)), f"filler block {b // 4096}")
                 vol.unmount()
                 r = run([BIN, "fsck", "-q", vol.cipher], check=False)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
