@@ -393,6 +393,10 @@ int main(int argc, char** argv) {
   auto* unmount = app.add_subcommand("unmount", "unmount a mounted volume (keys are zeroized)");
   unmount->alias("umount");
   unmount->add_option("MOUNTPOINT", mountpoint, "where the volume is mounted")->required();
+  bool lazy = false;
+  unmount->add_flag("-l,--lazy", lazy,
+                    "detach the mount now, even with files open on it: they keep working, and the\n"
+                    "daemon writes back, zeroizes the keys and exits once the last one is closed");
 
   auto* status = app.add_subcommand("status", "describe a volume (never prints key material)");
   status->add_flag("--json", json, "machine-readable output");
@@ -458,7 +462,7 @@ int main(int argc, char** argv) {
     }
     return run_mount(mo);
   }
-  if (*unmount) return run_unmount(mountpoint);
+  if (*unmount) return run_unmount(mountpoint, lazy);
   if (*status) return cmd_status(dir, json);
   if (*fsck) return run_fsck(dir, po, quiet);
   if (*rewrap) return cmd_rewrap(dir, rewrap_to, po, next_po);

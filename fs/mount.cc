@@ -389,7 +389,7 @@ int run_mount(const MountOptions& o) {
   return 1;
 }
 
-int run_unmount(const std::string& mountpoint) {
+int run_unmount(const std::string& mountpoint, bool lazy) {
   // The volume mounted there, if the daemon writes it: once unmounted, we wait for its daemon
   // to write it back and let its lock go (VolumeLock), so that what was written through the
   // mount is on disk when this returns.
@@ -399,11 +399,25 @@ int run_unmount(const std::string& mountpoint) {
   // files open, which would make a plain unmount EBUSY: it is detached. (The volume may be in
   // use all the same, mounted again elsewhere: that daemon is not waited for.)
   const bool dead = is_dead_mount(mountpoint);
-  if (Status st = unmount_path(mountpoint, /*detach=*/dead); !st.ok()) {
+  if (Status st = unmount_path(mountpoint, /*detach=*/dead || lazy); !st.ok()) {
     std::fprintf(stderr, "envelopefs: %s\n", st.message().c_str());
+    if (st.sys_errno() == EBUSY) {
+      std::fprintf(stderr,
+                   "envelopefs: files or directories on it are in use (`fuser -vm %s` lists the processes);\n"
+                   "close them and unmount again, or `envelopefs unmount --lazy` to detach it now\n",
+                   mountpoint.c_str());
+    }
     return 1;
   }
   if (dead) return 0;
+  if (lazy) {
+    // Still serving what is open on it: waiting here could take for ever.
+    if (!cipher.empty()) {
+      std::printf("detached %s; its daemon writes %s back and exits once the last file open on it is closed\n",
+                  mountpoint.c_str(), cipher.c_str());
+    }
+    return 0;
+  }
   constexpr int kSayAfter = 2, kGiveUpAfter = 600;
   if (!cipher.empty() && !wait_for_release(cipher, kSayAfter, kGiveUpAfter)) {
     std::fprintf(stderr,

@@ -35,6 +35,7 @@ struct MountOptions {
 
 // Returns the process exit code.
 int run_mount(const MountOptions& options);
-int run_unmount(const std::string& mountpoint);
+// `lazy`: detach even while files are open on it (their daemon serves them until closed).
+int run_unmount(const std::string& mountpoint, bool lazy = false);
 
 }  // namespace envelopefs

@@ -989,6 +989,35 @@ class ErrorsAndCli(VolumeTest):
         self.vol.mount("-o", "ro")
         self.assertFalse(os.path.exists(lock), "a read-only mount made the lock file")
 
+    def test_unmount_of_a_busy_mount_says_why_and_lazy_detaches_it(self):
+        """A plain unmount of a mount with a file open on it fails, says what holds it and how
+        to detach it; `--lazy` detaches it at once, the open file keeps working, and the
+        daemon writes back and exits when it is closed."""
+        p = self.vol.path("held")
+        f = open(p, "wb")
+        try:
+            f.write(b"before ")
+            f.flush()
+            r = run([BIN, "unmount", self.vol.mnt], check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("Device or resource busy", r.stderr)
+            self.assertIn("fuser -vm", r.stderr)
+            self.assertIn("--lazy", r.stderr)
+            self.assertTrue(is_mounted(self.vol.mnt))
+            pid = self.vol.daemon_pid()
+            r = run([BIN, "unmount", "--lazy", self.vol.mnt])
+            self.assertIn("once the last file open on it is closed", r.stdout)
+            self.assertFalse(is_mounted(self.vol.mnt))
+            f.write(b"after the detach")
+            f.flush()
+            os.kill(pid, 0)  # still serving the open file
+        finally:
+            f.close()
+        Volume._wait_gone(pid)
+        self.assertIn("keys zeroized", self.vol.log_text())
+        self.vol.mount()
+        self.assertEqual(read_file(p), b"before after the detach")
+
     def test_a_lock_let_go_within_moments_is_waited_for(self):
         """A daemon killed a moment ago may still be closing its files: a mount right after
         waits for its lock a little instead of calling the volume mounted. One held on stays
