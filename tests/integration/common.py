@@ -180,6 +180,35 @@ class Volume:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def loop_disk(test, mkfs, size_mib, where):
+    """Makes a filesystem with `mkfs` (an argv; the image's path is appended) in a sparse image
+    of `size_mib` MiB beside `where`, and mounts it at `where` through a loop device, which it
+    returns. Skips `test` where `mkfs` is not installed or there is no loop device; cleanups
+    on `test` unmount and detach it."""
+    if shutil.which(mkfs[0]) is None:
+        test.skipTest(f"{mkfs[0]} is not installed")
+    image = where.rstrip("/") + ".img"
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    run([*mkfs, image])
+    r = run(["losetup", "-f", "--show", image], check=False)
+    if r.returncode != 0:
+        test.skipTest("no loop device: " + r.stderr.strip())
+    loop = r.stdout.strip()
+    test.addCleanup(run, ["losetup", "-d", loop], check=False)
+    run(["mount", loop, where])
+    test.addCleanup(run, ["umount", "-l", where], check=False)
+    return loop
+
+
+def init_on_disk(test, vol, disk):
+    """Makes `vol` a new volume whose cipher dir is in `disk` (a mounted filesystem); at
+    cleanup on `test` the volume is unmounted before the disk is."""
+    test.addCleanup(lambda: is_mounted(vol.mnt) and run(["umount", "-l", vol.mnt], check=False))
+    vol.cipher = os.path.join(disk, "cipher")
+    run([BIN, "init", "--kms", "file:" + vol.key, vol.cipher])
+
+
 class VolumeTest(unittest.TestCase):
     block_size = 4096
     mount_args = ()

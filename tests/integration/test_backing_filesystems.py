@@ -6,10 +6,9 @@ Skipped where the filesystem's mkfs or a loop device is missing (packaging/insta
 installs xfsprogs and btrfs-progs)."""
 import errno
 import os
-import shutil
 import unittest
 
-from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run, write_file
+from common import BIN, Volume, init_on_disk, loop_disk, main, rand_bytes, read_file, run, write_file
 
 # Lengths around XFS's 1,024-byte symlink limit (an encrypted target is ~4/3 of the
 # plaintext plus 22 bytes) and up to the longest target Linux takes.
@@ -18,7 +17,8 @@ SIZES = (0, 1, 4095, 4096, 4097, 128 * 1024 + 1, (1 << 20) + 3)
 
 
 class BackingFilesystem:
-    """Mixed into a TestCase per filesystem: `make_disk(dir)` mounts one at `dir`."""
+    """Mixed into a TestCase per filesystem: `make_disk(dir)` mounts one at `dir` (and
+    registers its unmount)."""
     mount_args = ()
 
     def setUp(self):
@@ -27,26 +27,8 @@ class BackingFilesystem:
         self.disk = os.path.join(self.vol.root, "disk")
         os.mkdir(self.disk)
         self.make_disk(self.disk)
-        self.addCleanup(run, ["umount", "-l", self.disk], check=False)
-        # Run first (cleanups are last in, first out): the volume off the disk.
-        self.addCleanup(lambda: is_mounted(self.vol.mnt) and run(["umount", "-l", self.vol.mnt], check=False))
-        self.vol.cipher = os.path.join(self.disk, "cipher")
-        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        init_on_disk(self, self.vol, self.disk)
         self.vol.mount(*self.mount_args)
-
-    def loop_disk(self, mkfs, size_mib, where):
-        if shutil.which(mkfs[0]) is None:
-            self.skipTest(f"{mkfs[0]} is not installed")
-        image = os.path.join(self.vol.root, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(size_mib << 20)
-        run([*mkfs, image])
-        r = run(["losetup", "-f", "--show", image], check=False)
-        if r.returncode != 0:
-            self.skipTest("no loop device: " + r.stderr.strip())
-        loop = r.stdout.strip()
-        self.addCleanup(run, ["losetup", "-d", loop], check=False)
-        run(["mount", loop, where])
 
     def fsck_clean(self):
         r = run([BIN, "fsck", "-q", self.vol.cipher], check=False)
@@ -114,7 +96,7 @@ class BackingFilesystem:
 
 class OnXfs(BackingFilesystem, unittest.TestCase):
     def make_disk(self, where):
-        self.loop_disk(["mkfs.xfs", "-q", "-f"], 320, where)
+        loop_disk(self, ["mkfs.xfs", "-q", "-f"], 320, where)
 
 
 class OnXfsWithDirectBacking(OnXfs):
@@ -123,12 +105,13 @@ class OnXfsWithDirectBacking(OnXfs):
 
 class OnBtrfs(BackingFilesystem, unittest.TestCase):
     def make_disk(self, where):
-        self.loop_disk(["mkfs.btrfs", "-q", "-f"], 256, where)
+        loop_disk(self, ["mkfs.btrfs", "-q", "-f"], 256, where)
 
 
 class OnTmpfs(BackingFilesystem, unittest.TestCase):
     def make_disk(self, where):
         run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", where])
+        self.addCleanup(run, ["umount", "-l", where], check=False)
 
 
 if __name__ == "__main__":

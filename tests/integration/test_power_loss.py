@@ -11,7 +11,8 @@ import tempfile
 import time
 import unittest
 
-from common import BIN, Volume, is_mounted, main, rand_bytes, read_file, run, wait_for
+from common import (BIN, Volume, init_on_disk, is_mounted, loop_disk, main, rand_bytes, read_file, run,
+                    wait_for)
 from test_databases import pg_bin
 from test_db_crash import (NO_ROCKSDB, ROCKS_ACKER, acked_through_crash, check_postgres_crash,
                            check_rocksdb_crash, check_sqlite_crash)
@@ -292,24 +293,10 @@ class UnmountWritesBack(unittest.TestCase):
     def setUp(self):
         self.vol = Volume(init=False)
         self.addCleanup(self.vol.cleanup)
-        image = os.path.join(self.vol.root, "disk.img")
-        with open(image, "wb") as f:
-            f.truncate(512 << 20)
-        if run(["mkfs.ext4", "-q", "-F", image], check=False).returncode != 0:
-            self.skipTest("mkfs.ext4 is not usable here")
-        r = run(["losetup", "-f", "--show", image], check=False)
-        if r.returncode != 0:
-            self.skipTest("no loop device: " + r.stderr.strip())
-        self.loop = r.stdout.strip()
-        self.addCleanup(run, ["losetup", "-d", self.loop], check=False)
         self.disk = os.path.join(self.vol.root, "disk")
         os.mkdir(self.disk)
-        run(["mount", self.loop, self.disk])
-        self.addCleanup(run, ["umount", "-l", self.disk], check=False)
-        # First of all (cleanups run last in, first out): the volume, mounted on the disk.
-        self.addCleanup(lambda: is_mounted(self.vol.mnt) and run(["umount", "-l", self.vol.mnt], check=False))
-        self.vol.cipher = os.path.join(self.disk, "cipher")
-        run([BIN, "init", "--kms", "file:" + self.vol.key, self.vol.cipher])
+        self.loop = loop_disk(self, ["mkfs.ext4", "-q", "-F"], 512, self.disk)
+        init_on_disk(self, self.vol, self.disk)
 
     def sectors_written(self):
         with open(f"/sys/block/{os.path.basename(self.loop)}/stat") as f:
