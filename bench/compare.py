@@ -5,7 +5,7 @@ io_uring, where the kernel has it), and gocryptfs/securefs when installed (apt-g
 gocryptfs securefs). Everything runs back to back in one invocation and is
 reported as a markdown table plus ratios. Run as root (mounts, drop_caches, PostgreSQL).
 
-  sudo python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
+  python3 bench/compare.py [--size 512M] [--runtime 15] [--only envelopefs,ext4]
                                 [--no-pgbench] [--no-rocksdb] [--no-tree] [--no-fio]
                                 [--no-spread] [--repeat N]
                                 [--out results.md]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Per-opcode FUSE request counts and latencies (send -> end), from the kernel's tracepoints.
 
-    sudo perf record -e fuse:fuse_request_send,fuse:fuse_request_end -a -o fuse.data -- <command>
-    sudo perf script -i fuse.data | python3 bench/fuse_latency.py
+    perf record -e fuse:fuse_request_send,fuse:fuse_request_end -a -o fuse.data -- <command>
+    perf script -i fuse.data | python3 bench/fuse_latency.py
 
 Pairs each request's send with its end by request id (per connection) and prints, per opcode,
 how many, the average latency and the total, largest total first. This is how bench/README.md

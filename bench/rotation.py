@@ -2,7 +2,7 @@
 """What a DEK rotation costs: the block re-wrap walk (fs/block_rewrap.h) against re-encrypting
 the same data, and what the walk takes from a workload running beside it. Run as root.
 
-  sudo python3 bench/rotation.py [--size 2G] [--tree /usr/include] [--runtime 20] [--rewrap-rate N]
+  python3 bench/rotation.py [--size 2G] [--tree /usr/include] [--runtime 20] [--rewrap-rate N]
 
 1. A volume holding one --size file and a copy of --tree.
 2. Re-wrap: unmount, drop caches, `envelopefs rotate-dek`, mount; the walk's own figures

@@ -6,7 +6,7 @@
 # Root key:   /etc/envelopefs/root.key (created on first init, mode 0600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $EUID -eq 0 ]] || { echo "run as root (sudo bash packaging/quickstart.sh)" >&2; exit 1; }
+[[ $EUID -eq 0 ]] || { echo "quickstart: run as root (it installs packages and mounts): su -c 'bash packaging/quickstart.sh', or sudo bash packaging/quickstart.sh" >&2; exit 1; }
 bash packaging/install-deps.sh --runtime-only
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DENVELOPEFS_TESTS=OFF -DENVELOPEFS_BENCH=OFF >/dev/null
 cmake --build build -j"$(nproc)"

@@ -4,6 +4,7 @@
 #   BUILD_TYPE=asan tests/run_all.sh   runs the same suite under ASan+UBSan (build dir build-asan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[[ $EUID -eq 0 ]] || { echo "run_all: run as root (it installs packages, mounts volumes and loop devices): su -c 'bash tests/run_all.sh', or sudo bash tests/run_all.sh" >&2; exit 1; }
 bash packaging/install-deps.sh
 type=${BUILD_TYPE:-Release}
 dir=build; [[ $type == asan ]] && dir=build-asan
