@@ -190,7 +190,32 @@ Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* c
       return st;
     }
   }
-  return fail(index, st);
+  *current = open_as_grown_tail(index, len, slots, out);
+  return *current >= 0 ? Status::Ok() : fail(index, st);
+}
+
+int CipherFile::open_as_grown_tail(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out) {
+  // Bytes past a file's end read as zeros once the end moves (POSIX), so the short ciphertext
+  // ends at or after the last non-zero byte: 16 more lengths cover the chance (2^-128) that
+  // it ended in zeros of its own. Only a message sealed at that length under the slot's
+  // one-time key authenticates, so this accepts nothing that was not written so.
+  constexpr uint32_t kTrailingZerosTried = 16;
+  thread_local std::vector<uint8_t> cipher;
+  cipher.resize(len);
+  IoRequest req{fd_, cipher.data(), len, layout_.data_offset(index), false, 0};
+  if (!io_.run({&req, 1}).ok() || req.done != len) return -1;
+  uint32_t n = len;
+  while (n > 0 && cipher[n - 1] == 0) --n;
+  const int newer = newer_slot(slots[0], slots[1]);
+  for (uint32_t s = std::max<uint32_t>(n, 1); s < len && s <= n + kTrailingZerosTried; ++s) {
+    for (int which : {newer, 1 - newer}) {
+      if (slots[which].empty()) continue;
+      if (!open_block(keys_, id_, index, slots[which], {cipher.data(), s}, out).ok()) continue;
+      std::memset(out + s, 0, len - s);
+      return which;
+    }
+  }
+  return -1;
 }
 
 Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
@@ -328,6 +353,7 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
         ENVELOPEFS_RETURN_IF_ERROR(io_.run({&again, 1}));
         if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[older], {p.dst, p.len}, p.dst);
       }
+      if (!st.ok() && open_as_grown_tail(p.index, p.len, p.slots, p.dst) >= 0) st = Status::Ok();
       if (!st.ok()) return fail(p.index, st);
     }
     uint8_t* final_dst = out.data() + (p.index * bs + p.skip - offset);
@@ -381,20 +407,34 @@ Status CipherFile::write_blocks(uint64_t first, uint64_t count, const uint8_t* p
 }
 
 Status CipherFile::flush(WriteBatch& batch) {
-  std::vector<IoRequest> page_reqs;
+  // Writes within the backing file's present length: pages, then the data they describe.
+  // Writes past it make the file longer, and its length is what says how long its last blocks
+  // are: they go one after the other, lowest offset first, so the file never reaches past a
+  // block whose data has not landed (a page further on, written first, would have made a
+  // short last block full length before its full-length data was there, and a crash then
+  // left it unreadable under both slots).
+  const uint64_t end = backing_end(size_);
+  std::vector<IoRequest> pages, data, growth;
   {
     std::lock_guard lock(cache_mu_);
     for (auto& [index, p] : batch.dirty) {
       ENVELOPEFS_RETURN_IF_ERROR(p->page->seal(keys_));
-      page_reqs.push_back({fd_, p->page->data(), kMetaPageSize, layout_.page_offset(index), true, 0});
+      const uint64_t at = layout_.page_offset(index);
+      IoRequest page{fd_, p->page->data(), kMetaPageSize, at, true, 0};
+      (at + kMetaPageSize <= end ? pages : growth).push_back(page);
     }
   }
+  for (const IoRequest& d : batch.data) (d.offset + d.len <= end ? data : growth).push_back(d);
+  std::sort(growth.begin(), growth.end(),
+            [](const IoRequest& a, const IoRequest& b) { return a.offset < b.offset; });
   route(batch.holes);
-  route(page_reqs);
-  route(batch.data);
+  route(pages);
+  route(data);
+  route(growth);
   // Holes first: a failure there (ENOSPC, since a hole takes new space) changes no page.
   if (!batch.holes.empty()) ENVELOPEFS_RETURN_IF_ERROR(io_.run(batch.holes));
-  ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(page_reqs, batch.data));
+  ENVELOPEFS_RETURN_IF_ERROR(io_.run_ordered(pages, data));
+  ENVELOPEFS_RETURN_IF_ERROR(io_.run_in_order(growth));
   if (batch.dirty.contains(0)) header_written_ = true;
   std::lock_guard lock(cache_mu_);
   for (auto& [index, p] : batch.dirty) p->dirty = false;
@@ -659,18 +699,22 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
   if (plain.capacity() != 0) BufferPool::give(std::move(plain));
   if (!st.ok()) {
     abandon(batch);
-    if (new_size > old_size) {
-      // Take back any growth so the file's end is not a half-written block. The truncate
-      // also gives back what was reserved past the end: the next growth reserves again.
-      (void)io_.truncate(fd_, backing_end(old_size));
-      reserved_end_ = backing_end(old_size);
-    }
+    if (new_size > old_size) take_back_growth(old_size, new_size);
     return st;
   }
   size_ = new_size;
   if (verified_.size() < last + 1) verified_.resize(last + 1, false);
   for (uint64_t b = first; b <= last; ++b) verified_[b] = true;
   return Status::Ok();
+}
+
+void CipherFile::take_back_growth(uint64_t old_size, uint64_t new_size) {
+  const uint32_t bs = layout_.block_size();
+  const uint64_t keep = old_size % bs == 0 ? old_size : std::min(new_size, (old_size / bs + 1) * bs);
+  // The truncate also gives back what was reserved past the end: the next growth reserves again.
+  (void)io_.truncate(fd_, backing_end(keep));
+  reserved_end_ = backing_end(keep);
+  size_ = keep;
 }
 
 Status CipherFile::write(uint64_t offset, ByteView data) {
@@ -762,9 +806,8 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
   if (st.ok()) st = io_.truncate(fd_, backing_end(new_size));
   if (!st.ok()) {
     abandon(batch);
-    // A long growth writes its pages as it goes, each past the old end: take them back, so a
-    // failed truncate leaves the size it found.
-    if (new_size > old_size) (void)io_.truncate(fd_, backing_end(old_size));
+    // A long growth writes its pages as it goes, each past the old end: take them back.
+    if (new_size > old_size) take_back_growth(old_size, new_size);
     return st;
   }
   size_ = new_size;

@@ -109,12 +109,19 @@ class CipherFile {
   // Decrypts block `index` (whose stored length is `len`) into `out`. `current` receives the
   // slot that authenticated (-1 for a hole).
   Status read_block(uint64_t index, uint32_t len, uint8_t* out, int* current);
+  // Both slots of block `index` failed at its length `len`. The block may be a short last
+  // block whose growth had not landed when the daemon or the machine stopped, though the
+  // file's end had moved past it: its data area holds the short ciphertext and zeros behind
+  // it. Tries the slots at the lengths that fit that; returns the slot that authenticated
+  // (its plaintext, then zeros, in `out`) or -1.
+  int open_as_grown_tail(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out);
   // Seals blocks [first, first+count) from `plain` (back to back; the last one `last_len`
   // long) into `batch`: slots in dirty pages, ciphertext as data requests. `current[k]` is the
   // slot known to match block k's data (-1: unknown), which the new slot must not replace.
   Status write_blocks(uint64_t first, uint64_t count, const uint8_t* plain, uint32_t last_len,
                       const int* current, WriteBatch& batch);
-  // Writes the batch: every dirty page (sealed) strictly before any data.
+  // Writes the batch: every dirty page (sealed) strictly before the data it describes, and
+  // what lengthens the file in offset order.
   Status flush(WriteBatch& batch);
   void abandon(WriteBatch& batch);
   // Makes entries [from, to) holes, materialising any pages in between (file growth).
@@ -129,6 +136,11 @@ class CipherFile {
   // Re-seals the block holding the smaller of the two sizes at its length under the new size.
   Status resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch);
   Status write_locked(uint64_t offset, ByteView data);
+  // After a growth from `old_size` towards `new_size` failed part way: back to the old end,
+  // but not into the old last block when that was short. Its data may have been re-sealed at
+  // the longer length in place already, and cut back it would match neither slot; kept to
+  // the end of that block, it reads as written, or as it was and then zeros. Sets size_.
+  void take_back_growth(uint64_t old_size, uint64_t new_size);
   Status truncate_locked(uint64_t new_size);
   // Writes zeros over the data areas of blocks [first, end), holes all (see kZeroFillMax).
   Status zero_fill(uint64_t first, uint64_t end);

@@ -38,6 +38,15 @@ class IoBackend {
     ENVELOPEFS_RETURN_IF_ERROR(run(first));
     return run(then);
   }
+  // Each request completes before the next one starts, in the order given. Writes that make
+  // a backing file longer go this way, lowest offset first: the file's length is what says
+  // how long its last blocks are, so it must never reach past a block whose data has not
+  // landed (fs/FORMAT.md, "Growing, shrinking, holes"). A request that starts where the one
+  // before it ends may go in the same write (one pwritev is copied in offset order).
+  virtual Status run_in_order(std::span<IoRequest> requests) {
+    for (IoRequest& r : requests) ENVELOPEFS_RETURN_IF_ERROR(run({&r, 1}));
+    return Status::Ok();
+  }
   virtual Status sync(int fd, bool data_only) = 0;
   virtual Status truncate(int fd, uint64_t size) = 0;
   virtual Status punch_hole(int fd, uint64_t offset, uint64_t len) = 0;

@@ -45,9 +45,7 @@ class PosixBackend final : public IoBackend {
     for (IoRequest& page : first) {
       IoRequest* data = nullptr;
       for (size_t k = 0; k < then.size() && data == nullptr; ++k) {
-        const IoRequest& d = then[k];
-        if (!merged[k] && page.write && d.write && !page.direct && !d.direct && d.fd == page.fd &&
-            d.offset == page.offset + page.len) {
+        if (!merged[k] && one_write(page, then[k])) {
           data = &then[k];
           merged[k] = true;
         }
@@ -56,6 +54,18 @@ class PosixBackend final : public IoBackend {
     }
     for (size_t k = 0; k < then.size(); ++k) {
       if (!merged[k]) ENVELOPEFS_RETURN_IF_ERROR(run({&then[k], 1}));
+    }
+    return Status::Ok();
+  }
+  // A growing file's page and the data run right behind it are one pwritev here too.
+  Status run_in_order(std::span<IoRequest> requests) override {
+    for (size_t k = 0; k < requests.size(); ++k) {
+      if (k + 1 < requests.size() && one_write(requests[k], requests[k + 1])) {
+        ENVELOPEFS_RETURN_IF_ERROR(write_pair(requests[k], requests[k + 1]));
+        ++k;
+      } else {
+        ENVELOPEFS_RETURN_IF_ERROR(run({&requests[k], 1}));
+      }
     }
     return Status::Ok();
   }
@@ -88,6 +98,11 @@ class PosixBackend final : public IoBackend {
   // much from the page cache costs less than a second system call.
   static constexpr size_t kMaxGap = 16384;
   static constexpr size_t kMaxPieces = 64;  // iovecs per preadv, well under IOV_MAX
+
+  // Whether `b` can go in the same pwritev right after `a`.
+  static bool one_write(const IoRequest& a, const IoRequest& b) {
+    return a.write && b.write && !a.direct && !b.direct && a.fd == b.fd && b.offset == a.offset + a.len;
+  }
 
   // One write, continued after a short one.
   static Status write_all(IoRequest& r) {

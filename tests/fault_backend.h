@@ -2,6 +2,7 @@
 // imitates a crash between the metadata and the data of a write (the "then" half of an ordered
 // batch is lost), or fails writes with an errno such as ENOSPC: the data half of a batch, or
 // whichever group of writes comes after the first N (kFailAfterWrites, see fail_after).
+// Writes that lengthen a file (run_in_order) count as the data half.
 // Lives in tests/ only.
 #pragma once
 
@@ -26,6 +27,13 @@ class FaultBackend final : public IoBackend {
   void fail_after(int groups, int err = ENOSPC) {
     set(Mode::kFailAfterWrites, err);
     writes_left_ = groups;
+    killed_ = cut_ = false;
+  }
+  // The same, as a daemon killed there leaves the file: after the cut nothing more reaches it,
+  // not even the truncate with which a failed growth takes itself back.
+  void kill_after(int groups) {
+    fail_after(groups, EIO);
+    killed_ = true;
   }
   const char* name() const override { return "fault"; }
   Status run(std::span<IoRequest> r) override {
@@ -50,11 +58,36 @@ class FaultBackend final : public IoBackend {
     }
     return inner_.run(then);
   }
-  Status sync(int fd, bool d) override { return inner_.sync(fd, d); }
-  Status truncate(int fd, uint64_t s) override { return inner_.truncate(fd, s); }
-  Status punch_hole(int fd, uint64_t o, uint64_t l) override { return inner_.punch_hole(fd, o, l); }
+  // Writes that lengthen a file, one after the other: each is a group of its own for
+  // kFailAfterWrites, and they are data (lost or cut short) for the other modes.
+  Status run_in_order(std::span<IoRequest> r) override {
+    if (r.empty() || mode_ == Mode::kPass || mode_ == Mode::kFailReserve) return inner_.run_in_order(r);
+    if (mode_ == Mode::kFailAfterWrites) {
+      for (IoRequest& q : r) ENVELOPEFS_RETURN_IF_ERROR(counted({&q, 1}));
+      return Status::Ok();
+    }
+    if (mode_ == Mode::kFailData) {
+      IoRequest half = r[0];
+      half.len /= 2;
+      (void)inner_.run({&half, 1});
+      return Status::Io(err_, "injected");
+    }
+    return Status::Io(mode_ == Mode::kCrashAfterMetadata ? EIO : err_, "injected");
+  }
+  Status sync(int fd, bool d) override {
+    if (dead()) return Status::Io(err_, "injected");
+    return inner_.sync(fd, d);
+  }
+  Status truncate(int fd, uint64_t s) override {
+    if (dead()) return Status::Io(err_, "injected");
+    return inner_.truncate(fd, s);
+  }
+  Status punch_hole(int fd, uint64_t o, uint64_t l) override {
+    if (dead()) return Status::Io(err_, "injected");
+    return inner_.punch_hole(fd, o, l);
+  }
   Status reserve(int fd, uint64_t o, uint64_t l) override {
-    if (mode_ == Mode::kFailReserve || mode_ == Mode::kFailAll) return Status::Io(err_, "injected");
+    if (mode_ == Mode::kFailReserve || mode_ == Mode::kFailAll || dead()) return Status::Io(err_, "injected");
     return inner_.reserve(fd, o, l);
   }
 
@@ -67,16 +100,21 @@ class FaultBackend final : public IoBackend {
       --writes_left_;
       return inner_.run(r);
     }
+    if (cut_) return Status::Io(err_, "injected");
+    cut_ = true;
     IoRequest half = r[0];
     half.len = half.len / 2 / 4096 * 4096;  // whole blocks: a 4 KiB page is copied whole
     if (half.len > 0) (void)inner_.run({&half, 1});
     return Status::Io(err_, "injected");
   }
+  bool dead() const { return mode_ == Mode::kFailAfterWrites && killed_ && cut_; }
 
   IoBackend& inner_;
   Mode mode_ = Mode::kPass;
   int err_ = ENOSPC;
   int writes_left_ = 0;
+  bool killed_ = false;  // kill_after: nothing at all reaches the file after the cut
+  bool cut_ = false;     // the write that was cut short has happened
 };
 
 }  // namespace envelopefs::test

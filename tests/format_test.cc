@@ -558,6 +558,125 @@ TEST(TwoSlots, AWriteIntoHolesThatFailsAtAnyStepLeavesOldOrNew) {
   }
 }
 
+// A write that makes a file longer, from inside or past its short last block on through two
+// more groups, stopped after any number of its writes (a daemon killed there, or an error the
+// write then takes itself back from): every block within the length the file then has reads
+// as it was (zeros past the old end) or as written, never EIO. With all pages first, a page
+// further on made the file longer over the short block and the new blocks of its group
+// before their data had landed; and a failed growth cut the short block back after its
+// longer data had landed (found by killing the daemon under SQLite's WAL, whose 4120-byte
+// frames leave the end of the file inside a block).
+TEST(TwoSlots, AGrowthStoppedAtAnyWriteLeavesEveryBlockOldOrNew) {
+  Fixture fx;
+  test::FaultBackend faulty(*fx.io);
+  std::mt19937_64 rng(9);
+  const uint64_t bs = 4096;
+  const uint64_t old_size = (kBlocksPerGroup - 6) * bs + 1000;  // ends 1000 bytes into block 25
+  const Bytes old_data = random_bytes(rng, old_size);
+  {
+    auto f = fx.create("f");
+    ASSERT_TRUE(f->write(0, old_data).ok());
+  }
+  struct Case {
+    uint64_t offset, len;
+  };
+  // From inside the short block; and from past it, which first re-seals it at full length.
+  const Case cases[] = {{old_size - 500, 2 * kBlocksPerGroup * bs},
+                        {(kBlocksPerGroup - 2) * bs + 100, 40000}};
+  for (Case c : cases) {
+    const Bytes patch = random_bytes(rng, c.len);
+    Bytes new_data = old_data;
+    new_data.resize(std::max(old_size, c.offset + c.len), 0);
+    std::copy(patch.begin(), patch.end(), new_data.begin() + static_cast<long>(c.offset));
+    Bytes old_padded = old_data;
+    old_padded.resize(new_data.size(), 0);
+    for (int step = 0; step <= 21; ++step) {
+      const int groups = step / 2;
+      const bool killed = step % 2 == 0;
+      SCOPED_TRACE("write at " + std::to_string(c.offset) + ", writes let through: " +
+                   std::to_string(groups) + (killed ? ", then killed" : ", then failed"));
+      {
+        std::error_code ec;
+        std::filesystem::remove(fx.dir.sub("g"), ec);
+        std::filesystem::copy_file(fx.dir.sub("f"), fx.dir.sub("g"));
+      }
+      auto f = fx.reopen("g", &faulty);
+      ASSERT_TRUE(f.ok()) << f.status().to_string();
+      if (killed) {
+        faulty.kill_after(groups);
+      } else {
+        faulty.fail_after(groups, EIO);
+      }
+      Status st = (*f)->write(c.offset, patch);
+      f->reset();  // a killed daemon's close does not reach the file either
+      faulty.set(test::FaultBackend::Mode::kPass);
+      auto g = fx.reopen("g");
+      ASSERT_TRUE(g.ok()) << g.status().to_string();
+      const uint64_t size = (*g)->size();
+      ASSERT_GE(size, old_size);
+      ASSERT_LE(size, new_data.size());
+      Bytes got(size);
+      auto n = (*g)->read(0, got);
+      ASSERT_TRUE(n.ok()) << n.status().to_string();
+      ASSERT_EQ(*n, size);
+      for (uint64_t b = 0; b * bs < size; ++b) {
+        auto at = [&](const Bytes& v) {
+          const uint64_t end = std::min(size, (b + 1) * bs);
+          return Bytes(v.begin() + static_cast<long>(b * bs), v.begin() + static_cast<long>(end));
+        };
+        EXPECT_TRUE(at(got) == at(old_padded) || at(got) == at(new_data)) << "block " << b;
+      }
+      if (st.ok()) {
+        EXPECT_EQ(got, new_data);
+      }
+    }
+  }
+}
+
+// The same growth through a power cut: the backing filesystem may keep the file's new length
+// and not the short block's new data (ext4 journals the length of a write into a block it has
+// allocated at once, and writes the data back later). The block then holds its short
+// ciphertext and zeros behind it, and reads as it was, then zeros, as the file stood before
+// the growth: not EIO. It is written again like any other block.
+TEST(TwoSlots, AShortLastBlockWhoseGrowthDidNotLandReadsAsItWasThenZeros) {
+  Fixture fx;
+  std::mt19937_64 rng(10);
+  const uint64_t bs = 4096;
+  for (uint64_t tail : {1, 1000, 4095}) {
+    const Bytes old_data = random_bytes(rng, 3 * bs + tail);
+    {
+      auto f = fx.create("t");
+      ASSERT_TRUE(f->write(0, old_data).ok());
+    }
+    for (uint64_t grown : {3 * bs + tail + 1, 4 * bs, 6 * bs + 10}) {
+      if (grown <= old_data.size()) continue;
+      SCOPED_TRACE("tail " + std::to_string(tail) + " grown to " + std::to_string(grown));
+      {
+        std::error_code ec;
+        std::filesystem::remove(fx.dir.sub("u"), ec);
+        std::filesystem::copy_file(fx.dir.sub("t"), fx.dir.sub("u"));
+      }
+      // Group 0 only: the backing file is its page and then the data.
+      ASSERT_EQ(::truncate(fx.dir.sub("u").c_str(), static_cast<off_t>(kMetaPageSize + grown)), 0);
+      auto f = fx.reopen("u");
+      ASSERT_TRUE(f.ok()) << f.status().to_string();
+      ASSERT_EQ((*f)->size(), grown);
+      Bytes expected = old_data;
+      expected.resize(grown, 0);
+      EXPECT_EQ(read_all(**f), expected);
+      const Bytes patch = random_bytes(rng, 10);
+      ASSERT_TRUE((*f)->write(3 * bs + 5, patch).ok());
+      expected.resize(std::max<uint64_t>(grown, 3 * bs + 5 + patch.size()), 0);
+      std::copy(patch.begin(), patch.end(), expected.begin() + static_cast<long>(3 * bs + 5));
+      EXPECT_EQ(read_all(**f), expected);
+      f->reset();
+      auto g = fx.reopen("u");
+      ASSERT_TRUE(g.ok()) << g.status().to_string();
+      EXPECT_EQ(read_all(**g), expected);
+    }
+  }
+}
+
 TEST(CipherFile, NoSpaceOnGrowthOrFallocateLeavesOldContentAndSize) {
   Fixture fx;
   test::FaultBackend faulty(*fx.io);
