@@ -4,7 +4,10 @@
 //     fsync;
 //   - directory entries: creations, unlinks and renames since that directory's last fsync.
 // On SIGUSR1 it undoes all of it, newest first, as a power cut would lose it, and touches the
-// file named by CUTFS_DONE. Stricter than real filesystems (ext4 journals more than asked), so
+// file named by CUTFS_DONE. SIGUSR2 cuts as ext4 may: the same, but a file that had grown from
+// a length inside a 4 KiB block keeps its new length up to the end of that block, reading
+// zeros there (ext4 journals the length of a write into a block it has allocated when the
+// write is made, and writes the data back later). Stricter than real filesystems (ext4 journals more than asked), so
 // software that survives it survives them. Test tool only; not part of envelopefs.
 //   cutfs BACKING MOUNTPOINT [fuse options]     (runs in the foreground)
 #define FUSE_USE_VERSION 312
@@ -90,7 +93,7 @@ int rm_entry(const char* p, const struct stat*, int type, struct FTW*) {
   return type == FTW_DP ? rmdir(p) : unlink(p);
 }
 
-void cut() {
+void cut(bool ext4_tail) {
   std::lock_guard lock(g_mu);
   std::vector<MetaOp> ops;
   for (auto& [ino, v] : g_dirs) ops.insert(ops.end(), v.begin(), v.end());
@@ -113,10 +116,17 @@ void cut() {
   }
   size_t writes = 0;
   for (auto& [ino, log] : g_files) {
+    struct stat st;
+    const uint64_t grown_to = log.fd >= 0 && fstat(log.fd, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
     for (auto it = log.undo.rbegin(); it != log.undo.rend(); ++it) {
       if (!it->old.empty()) (void)!pwrite(log.fd, it->old.data(), it->old.size(), static_cast<off_t>(it->off));
       (void)!ftruncate(log.fd, static_cast<off_t>(it->old_size));
       ++writes;
+    }
+    if (ext4_tail && !log.undo.empty()) {
+      const uint64_t synced = log.undo.front().old_size;
+      const uint64_t block_end = (synced + 4095) / 4096 * 4096;
+      if (grown_to > synced) (void)!ftruncate(log.fd, static_cast<off_t>(std::min(grown_to, block_end)));
     }
     if (log.fd >= 0) {
       fsync(log.fd);
@@ -136,9 +146,10 @@ void* signal_thread(void*) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SIGUSR2);
   for (;;) {
     int sig;
-    if (sigwait(&set, &sig) == 0 && sig == SIGUSR1) cut();
+    if (sigwait(&set, &sig) == 0) cut(sig == SIGUSR2);
   }
   return nullptr;
 }
@@ -323,6 +334,7 @@ int main(int argc, char** argv) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SIGUSR2);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   pthread_t t;
   pthread_create(&t, nullptr, signal_thread, nullptr);
