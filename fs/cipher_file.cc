@@ -710,7 +710,9 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
 
 void CipherFile::take_back_growth(uint64_t old_size, uint64_t new_size) {
   const uint32_t bs = layout_.block_size();
-  const uint64_t keep = old_size % bs == 0 ? old_size : std::min(new_size, (old_size / bs + 1) * bs);
+  struct stat st;
+  const bool grew = fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) > backing_end(old_size);
+  const uint64_t keep = old_size % bs == 0 || !grew ? old_size : std::min(new_size, (old_size / bs + 1) * bs);
   // The truncate also gives back what was reserved past the end: the next growth reserves again.
   (void)io_.truncate(fd_, backing_end(keep));
   reserved_end_ = backing_end(keep);

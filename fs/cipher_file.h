@@ -137,9 +137,10 @@ class CipherFile {
   Status resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch);
   Status write_locked(uint64_t offset, ByteView data);
   // After a growth from `old_size` towards `new_size` failed part way: back to the old end,
-  // but not into the old last block when that was short. Its data may have been re-sealed at
-  // the longer length in place already, and cut back it would match neither slot; kept to
-  // the end of that block, it reads as written, or as it was and then zeros. Sets size_.
+  // but not into the old last block when that was short and the file got longer. Its data
+  // may have been re-sealed at the longer length in place already, and cut back it would
+  // match neither slot; kept to the end of that block, it reads as written, or as it was and
+  // then zeros. Sets size_.
   void take_back_growth(uint64_t old_size, uint64_t new_size);
   Status truncate_locked(uint64_t new_size);
   // Writes zeros over the data areas of blocks [first, end), holes all (see kZeroFillMax).
