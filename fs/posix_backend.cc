@@ -57,10 +57,11 @@ class PosixBackend final : public IoBackend {
     }
     return Status::Ok();
   }
-  // A growing file's page and the data run right behind it are one pwritev here too.
+  // A growing file's page and the data run right behind it are one pwritev here too, through
+  // O_DIRECT as well (both are aligned; the file grows when the whole write completes).
   Status run_in_order(std::span<IoRequest> requests) override {
     for (size_t k = 0; k < requests.size(); ++k) {
-      if (k + 1 < requests.size() && one_write(requests[k], requests[k + 1])) {
+      if (k + 1 < requests.size() && one_write(requests[k], requests[k + 1], true)) {
         ENVELOPEFS_RETURN_IF_ERROR(write_pair(requests[k], requests[k + 1]));
         ++k;
       } else {
@@ -99,9 +100,11 @@ class PosixBackend final : public IoBackend {
   static constexpr size_t kMaxGap = 16384;
   static constexpr size_t kMaxPieces = 64;  // iovecs per preadv, well under IOV_MAX
 
-  // Whether `b` can go in the same pwritev right after `a`.
-  static bool one_write(const IoRequest& a, const IoRequest& b) {
-    return a.write && b.write && !a.direct && !b.direct && a.fd == b.fd && b.offset == a.offset + a.len;
+  // Whether `b` can go in the same pwritev right after `a` (O_DIRECT ones only if `direct_ok`;
+  // one descriptor is either O_DIRECT or not, so both are, or neither).
+  static bool one_write(const IoRequest& a, const IoRequest& b, bool direct_ok = false) {
+    return a.write && b.write && (direct_ok || (!a.direct && !b.direct)) && a.fd == b.fd &&
+           b.offset == a.offset + a.len;
   }
 
   // One write, continued after a short one.

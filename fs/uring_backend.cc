@@ -64,11 +64,9 @@ class UringBackend final : public IoBackend {
     ENVELOPEFS_RETURN_IF_ERROR(run(first));
     return run(then);
   }
-  // One request at a time: in parallel, a later write could lengthen the file first.
-  Status run_in_order(std::span<IoRequest> requests) override {
-    if (std::none_of(requests.begin(), requests.end(), on_ring)) return posix_->run_in_order(requests);
-    return IoBackend::run_in_order(requests);
-  }
+  // One request at a time (in parallel a later write could lengthen the file first), so
+  // pwrite(v)s in this thread, O_DIRECT ones too.
+  Status run_in_order(std::span<IoRequest> requests) override { return posix_->run_in_order(requests); }
 
   Status sync(int fd, bool data_only) override {
     if ((data_only ? fdatasync(fd) : fsync(fd)) != 0) return Status::Io(errno, "backing fsync");
