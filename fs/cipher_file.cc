@@ -599,8 +599,22 @@ Status CipherFile::resize_tail_block(uint64_t old_size, uint64_t new_size, Write
   const uint64_t t = (std::min(old_size, new_size) - 1) / bs;
   std::vector<uint8_t> buf(bs, 0);
   int current = -1;
-  ENVELOPEFS_RETURN_IF_ERROR(read_block(t, layout_.block_length(t, old_size), buf.data(), &current));
-  return write_blocks(t, 1, buf.data(), layout_.block_length(t, new_size), &current, batch);
+  const uint32_t old_len = layout_.block_length(t, old_size), new_len = layout_.block_length(t, new_size);
+  ENVELOPEFS_RETURN_IF_ERROR(read_block(t, old_len, buf.data(), &current));
+  ENVELOPEFS_RETURN_IF_ERROR(write_blocks(t, 1, buf.data(), new_len, &current, batch));
+  if (new_len < old_len && !batch.data.empty() && batch.data.back().offset == layout_.data_offset(t)) {
+    // Shrinking: the shorter ciphertext goes out with zeros over the rest of the block's old
+    // length, in one write. Until the backing truncate lands, the block then reads at its old
+    // length as the shorter content followed by zeros (open_as_grown_tail), never as neither.
+    IoRequest& q = batch.data.back();
+    batch.buffers.push_back(BufferPool::take(old_len));
+    uint8_t* padded = batch.buffers.back().data();
+    std::memcpy(padded, q.buf, q.len);
+    std::memset(padded + q.len, 0, old_len - q.len);
+    q.buf = padded;
+    q.len = old_len;
+  }
+  return Status::Ok();
 }
 
 Status CipherFile::write_locked(uint64_t offset, ByteView data) {

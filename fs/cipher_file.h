@@ -133,7 +133,8 @@ class CipherFile {
   // of file at 4 KiB blocks) skips the checks.
   Status check_growth(uint64_t new_size);
   static constexpr uint64_t kQuickGrowthPages = 256;
-  // Re-seals the block holding the smaller of the two sizes at its length under the new size.
+  // Re-seals the block holding the smaller of the two sizes at its length under the new size
+  // (shrinking: with zeros over the rest of its old length, in the same write).
   Status resize_tail_block(uint64_t old_size, uint64_t new_size, WriteBatch& batch);
   Status write_locked(uint64_t offset, ByteView data);
   // After a growth from `old_size` towards `new_size` failed part way: back to the old end,

@@ -29,8 +29,9 @@ class FaultBackend final : public IoBackend {
     writes_left_ = groups;
     killed_ = cut_ = false;
   }
-  // The same, as a daemon killed there leaves the file: after the cut nothing more reaches it,
-  // not even the truncate with which a failed growth takes itself back.
+  // The same, as a daemon killed there leaves the file: truncates, reserves and syncs count
+  // as steps of their own, and after the cut nothing more reaches the file, not even the
+  // truncate with which a failed growth takes itself back.
   void kill_after(int groups) {
     fail_after(groups, EIO);
     killed_ = true;
@@ -75,19 +76,21 @@ class FaultBackend final : public IoBackend {
     return Status::Io(mode_ == Mode::kCrashAfterMetadata ? EIO : err_, "injected");
   }
   Status sync(int fd, bool d) override {
-    if (dead()) return Status::Io(err_, "injected");
+    if (!step()) return Status::Io(err_, "injected");
     return inner_.sync(fd, d);
   }
   Status truncate(int fd, uint64_t s) override {
-    if (dead()) return Status::Io(err_, "injected");
+    if (!step()) return Status::Io(err_, "injected");
     return inner_.truncate(fd, s);
   }
   Status punch_hole(int fd, uint64_t o, uint64_t l) override {
-    if (dead()) return Status::Io(err_, "injected");
+    if (!step()) return Status::Io(err_, "injected");
     return inner_.punch_hole(fd, o, l);
   }
   Status reserve(int fd, uint64_t o, uint64_t l) override {
-    if (mode_ == Mode::kFailReserve || mode_ == Mode::kFailAll || dead()) return Status::Io(err_, "injected");
+    if (mode_ == Mode::kFailReserve || mode_ == Mode::kFailAll || !step()) {
+      return Status::Io(err_, "injected");
+    }
     return inner_.reserve(fd, o, l);
   }
 
@@ -107,7 +110,16 @@ class FaultBackend final : public IoBackend {
     if (half.len > 0) (void)inner_.run({&half, 1});
     return Status::Io(err_, "injected");
   }
-  bool dead() const { return mode_ == Mode::kFailAfterWrites && killed_ && cut_; }
+  // Whether a change other than a write may reach the file (kill_after counts it as a step).
+  bool step() {
+    if (mode_ != Mode::kFailAfterWrites || !killed_) return true;
+    if (cut_ || writes_left_ == 0) {
+      cut_ = true;
+      return false;
+    }
+    --writes_left_;
+    return true;
+  }
 
   IoBackend& inner_;
   Mode mode_ = Mode::kPass;

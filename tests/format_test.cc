@@ -677,6 +677,57 @@ TEST(TwoSlots, AShortLastBlockWhoseGrowthDidNotLandReadsAsItWasThenZeros) {
   }
 }
 
+// A truncate to inside a block, stopped after any number of its writes by a killed daemon:
+// the file keeps its old length until the backing truncate lands, and every block reads as
+// it was, as truncated (zeros past the new end), or zeros (entries past the new end are
+// cleared first), never EIO. The shorter ciphertext written over the longer one without the
+// zeros behind it matched neither slot at the old length.
+TEST(TwoSlots, ATruncateStoppedAtAnyWriteLeavesEveryBlockReadable) {
+  Fixture fx;
+  test::FaultBackend faulty(*fx.io);
+  std::mt19937_64 rng(11);
+  const uint64_t bs = 4096;
+  const Bytes old_data = random_bytes(rng, 2 * kBlocksPerGroup * bs + 3000);
+  {
+    auto f = fx.create("f");
+    ASSERT_TRUE(f->write(0, old_data).ok());
+  }
+  for (uint64_t new_size : {uint64_t{10 * bs + 1234}, uint64_t{2 * kBlocksPerGroup * bs + 100}}) {
+    Bytes truncated(old_data.begin(), old_data.begin() + static_cast<long>(new_size));
+    truncated.resize(old_data.size(), 0);
+    for (int groups = 0; groups <= 4; ++groups) {
+      SCOPED_TRACE("truncate to " + std::to_string(new_size) + ", steps let through: " +
+                   std::to_string(groups));
+      {
+        std::error_code ec;
+        std::filesystem::remove(fx.dir.sub("g"), ec);
+        std::filesystem::copy_file(fx.dir.sub("f"), fx.dir.sub("g"));
+      }
+      auto f = fx.reopen("g", &faulty);
+      ASSERT_TRUE(f.ok()) << f.status().to_string();
+      faulty.kill_after(groups);
+      (void)(*f)->truncate(new_size);
+      f->reset();
+      faulty.set(test::FaultBackend::Mode::kPass);
+      auto g = fx.reopen("g");
+      ASSERT_TRUE(g.ok()) << g.status().to_string();
+      const uint64_t size = (*g)->size();
+      ASSERT_TRUE(size == old_data.size() || size == new_size) << size;
+      Bytes got(size);
+      auto n = (*g)->read(0, got);
+      ASSERT_TRUE(n.ok()) << n.status().to_string();
+      for (uint64_t b = 0; b * bs < size; ++b) {
+        const uint64_t end = std::min(size, (b + 1) * bs);
+        auto at = [&](const Bytes& v) {
+          return Bytes(v.begin() + static_cast<long>(b * bs), v.begin() + static_cast<long>(end));
+        };
+        EXPECT_TRUE(at(got) == at(old_data) || at(got) == at(truncated) || at(got) == Bytes(end - b * bs, 0))
+            << "block " << b;
+      }
+    }
+  }
+}
+
 TEST(CipherFile, NoSpaceOnGrowthOrFallocateLeavesOldContentAndSize) {
   Fixture fx;
   test::FaultBackend faulty(*fx.io);
