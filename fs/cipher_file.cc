@@ -561,6 +561,15 @@ Status CipherFile::clear_entries(uint64_t from, uint64_t to, WriteBatch& batch) 
   return Status::Ok();
 }
 
+Status CipherFile::clear_entries_after_tail(uint64_t from, uint64_t to, WriteBatch& batch) {
+  // A re-sealed last block goes out first: clear_entries writes the pages it makes as it goes
+  // (past the file's end, they lengthen it) only while the batch holds no data, or the batch
+  // of a long sparse growth from a short last block held every page at once (a truncate to
+  // 16 GiB: 97 s and 590 MB).
+  if (!batch.data.empty() || !batch.holes.empty()) ENVELOPEFS_RETURN_IF_ERROR(flush(batch));
+  return clear_entries(from, to, batch);
+}
+
 Status CipherFile::check_growth(uint64_t new_size) {
   const uint64_t have = backing_end(size_) == 0 ? 0 : layout_.page_count(size_);
   const uint64_t need = layout_.page_count(new_size);
@@ -656,7 +665,7 @@ Status CipherFile::write_locked(uint64_t offset, ByteView data) {
     st = resize_tail_block(old_size, std::min<uint64_t>(new_size, ((old_size - 1) / bs + 1) * bs), batch);
   }
   // 2. Blocks between the old end and this write become authenticated holes.
-  if (st.ok() && first > old_count) st = clear_entries(old_count, first, batch);
+  if (st.ok() && first > old_count) st = clear_entries_after_tail(old_count, first, batch);
   // 3. The blocks themselves; edge blocks that hold other data are read, merged, re-sealed.
   const uint64_t count = last - first + 1;
   const uint32_t last_len = layout_.block_length(last, new_size);
@@ -810,7 +819,8 @@ Status CipherFile::truncate_locked(uint64_t new_size) {
   Status st;
   if (new_size > old_size) {
     if (old_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);
-    if (st.ok()) st = clear_entries(layout_.block_count(old_size), layout_.block_count(new_size), batch);
+    const uint64_t from = layout_.block_count(old_size), to = layout_.block_count(new_size);
+    if (st.ok()) st = clear_entries_after_tail(from, to, batch);
   } else {
     const uint64_t new_count = layout_.block_count(new_size);
     if (new_size % bs != 0) st = resize_tail_block(old_size, new_size, batch);

@@ -126,6 +126,9 @@ class CipherFile {
   void abandon(WriteBatch& batch);
   // Makes entries [from, to) holes, materialising any pages in between (file growth).
   Status clear_entries(uint64_t from, uint64_t to, WriteBatch& batch);
+  // The same for a growth, after writing out what the batch holds so far (the re-sealed last
+  // block), so that the pages can be written as they are made.
+  Status clear_entries_after_tail(uint64_t from, uint64_t to, WriteBatch& batch);
   // Before a growth to `new_size` writes the all-hole pages of the groups it adds (4 KiB per
   // 128 KiB of growth, so a truncate to 1 TiB writes 32 GiB of them): refuses at once, having
   // changed nothing, a size the backing filesystem cannot hold (EFBIG) or pages that would not
