@@ -49,6 +49,12 @@ struct Fixture {
   Result<std::unique_ptr<CipherFile>> reopen(const std::string& name, IoBackend* b = nullptr) {
     return CipherFile::open(open_fd(name), *vol.keys, b ? *b : *io);
   }
+  // A fresh copy of backing file `from` as `to`, for a test that spoils one copy per step.
+  void copy(const std::string& from, const std::string& to) {
+    std::error_code ec;
+    std::filesystem::remove(dir.sub(to), ec);
+    std::filesystem::copy_file(dir.sub(from), dir.sub(to));
+  }
   ~Fixture() {
     for (int fd : fds) close(fd);
   }
@@ -530,11 +536,7 @@ TEST(TwoSlots, AWriteIntoHolesThatFailsAtAnyStepLeavesOldOrNew) {
   std::copy(patch.begin(), patch.end(), new_data.begin() + static_cast<long>(first * bs));
   for (int groups = 0; groups <= 4; ++groups) {
     SCOPED_TRACE("writes let through: " + std::to_string(groups));
-    {
-      std::error_code ec;
-      std::filesystem::remove(fx.dir.sub("g"), ec);
-      std::filesystem::copy_file(fx.dir.sub("f"), fx.dir.sub("g"));
-    }
+    fx.copy("f", "g");
     auto f = fx.reopen("g", &faulty);
     ASSERT_TRUE(f.ok()) << f.status().to_string();
     faulty.fail_after(groups);
@@ -595,11 +597,7 @@ TEST(TwoSlots, AGrowthStoppedAtAnyWriteLeavesEveryBlockOldOrNew) {
       const bool killed = step % 2 == 0;
       SCOPED_TRACE("write at " + std::to_string(c.offset) + ", writes let through: " +
                    std::to_string(groups) + (killed ? ", then killed" : ", then failed"));
-      {
-        std::error_code ec;
-        std::filesystem::remove(fx.dir.sub("g"), ec);
-        std::filesystem::copy_file(fx.dir.sub("f"), fx.dir.sub("g"));
-      }
+      fx.copy("f", "g");
       auto f = fx.reopen("g", &faulty);
       ASSERT_TRUE(f.ok()) << f.status().to_string();
       if (killed) {
@@ -651,11 +649,7 @@ TEST(TwoSlots, AShortLastBlockWhoseGrowthDidNotLandReadsAsItWasThenZeros) {
     for (uint64_t grown : {3 * bs + tail + 1, 4 * bs, 6 * bs + 10}) {
       if (grown <= old_data.size()) continue;
       SCOPED_TRACE("tail " + std::to_string(tail) + " grown to " + std::to_string(grown));
-      {
-        std::error_code ec;
-        std::filesystem::remove(fx.dir.sub("u"), ec);
-        std::filesystem::copy_file(fx.dir.sub("t"), fx.dir.sub("u"));
-      }
+      fx.copy("t", "u");
       // Group 0 only: the backing file is its page and then the data.
       ASSERT_EQ(::truncate(fx.dir.sub("u").c_str(), static_cast<off_t>(kMetaPageSize + grown)), 0);
       auto f = fx.reopen("u");
@@ -698,11 +692,7 @@ TEST(TwoSlots, ATruncateStoppedAtAnyWriteLeavesEveryBlockReadable) {
     for (int groups = 0; groups <= 4; ++groups) {
       SCOPED_TRACE("truncate to " + std::to_string(new_size) + ", steps let through: " +
                    std::to_string(groups));
-      {
-        std::error_code ec;
-        std::filesystem::remove(fx.dir.sub("g"), ec);
-        std::filesystem::copy_file(fx.dir.sub("f"), fx.dir.sub("g"));
-      }
+      fx.copy("f", "g");
       auto f = fx.reopen("g", &faulty);
       ASSERT_TRUE(f.ok()) << f.status().to_string();
       faulty.kill_after(groups);
