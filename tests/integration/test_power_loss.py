@@ -5,6 +5,7 @@ just before the cut; per-directory records, file headers and the config are neve
 missing; fsck is clean."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,8 @@ class PowerLoss(unittest.TestCase):
         self.cutfs.terminate()
         self.cutfs.wait(timeout=10)
         self.cutfs_log.close()
+        # The volume's cleanup could not remove cutfs's mountpoint while it was mounted.
+        shutil.rmtree(self.vol.root, ignore_errors=True)
 
     def power_cut(self):
         """Everything above the disk dies at once; the disk loses what was not made durable."""
