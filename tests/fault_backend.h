@@ -50,13 +50,7 @@ class FaultBackend final : public IoBackend {
     }
     ENVELOPEFS_RETURN_IF_ERROR(inner_.run(first));
     if (mode_ == Mode::kCrashAfterMetadata && !then.empty()) return Status::Io(EIO, "injected crash");
-    if (mode_ == Mode::kFailData && !then.empty()) {
-      // Half of the data lands, as a device that fills up mid-request would leave it.
-      IoRequest half = then[0];
-      half.len /= 2;
-      (void)inner_.run({&half, 1});
-      return Status::Io(err_, "injected");
-    }
+    if (mode_ == Mode::kFailData && !then.empty()) return half_lands(then[0]);
     return inner_.run(then);
   }
   // Writes that lengthen a file, one after the other: each is a group of its own for
@@ -67,12 +61,7 @@ class FaultBackend final : public IoBackend {
       for (IoRequest& q : r) ENVELOPEFS_RETURN_IF_ERROR(counted({&q, 1}));
       return Status::Ok();
     }
-    if (mode_ == Mode::kFailData) {
-      IoRequest half = r[0];
-      half.len /= 2;
-      (void)inner_.run({&half, 1});
-      return Status::Io(err_, "injected");
-    }
+    if (mode_ == Mode::kFailData) return half_lands(r[0]);
     return Status::Io(mode_ == Mode::kCrashAfterMetadata ? EIO : err_, "injected");
   }
   Status sync(int fd, bool d) override {
@@ -108,6 +97,13 @@ class FaultBackend final : public IoBackend {
     IoRequest half = r[0];
     half.len = half.len / 2 / 4096 * 4096;  // whole blocks: a 4 KiB page is copied whole
     if (half.len > 0) (void)inner_.run({&half, 1});
+    return Status::Io(err_, "injected");
+  }
+  // kFailData: half of the first data request lands, as a device that fills up mid-request
+  // would leave it, and the rest fails.
+  Status half_lands(IoRequest half) {
+    half.len /= 2;
+    (void)inner_.run({&half, 1});
     return Status::Io(err_, "injected");
   }
   // Whether a change other than a write may reach the file (kill_after counts it as a step).

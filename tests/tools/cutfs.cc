@@ -4,11 +4,12 @@
 //     fsync;
 //   - directory entries: creations, unlinks and renames since that directory's last fsync.
 // On SIGUSR1 it undoes all of it, newest first, as a power cut would lose it, and touches the
-// file named by CUTFS_DONE. SIGUSR2 cuts as ext4 may: the same, but a file that had grown from
-// a length inside a 4 KiB block keeps its new length up to the end of that block, reading
-// zeros there (ext4 journals the length of a write into a block it has allocated when the
-// write is made, and writes the data back later). Stricter than real filesystems (ext4 journals more than asked), so
-// software that survives it survives them. Test tool only; not part of envelopefs.
+// file named by CUTFS_DONE: stricter than real filesystems in what it loses (ext4 journals
+// more than asked), though always in order. SIGUSR2 cuts as ext4 may out of order: the same,
+// but a file that had grown from a length inside a 4 KiB block keeps its new length up to
+// the end of that block, reading zeros there (ext4 journals the length of a write into a
+// block it has allocated when the write is made, and writes the data back later).
+// Test tool only; not part of envelopefs.
 //   cutfs BACKING MOUNTPOINT [fuse options]     (runs in the foreground)
 #define FUSE_USE_VERSION 312
 #include <fuse.h>
@@ -117,7 +118,8 @@ void cut(bool ext4_tail) {
   size_t writes = 0;
   for (auto& [ino, log] : g_files) {
     struct stat st;
-    const uint64_t grown_to = log.fd >= 0 && fstat(log.fd, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+    const bool sized = ext4_tail && log.fd >= 0 && fstat(log.fd, &st) == 0;
+    const uint64_t grown_to = sized ? static_cast<uint64_t>(st.st_size) : 0;  // before the undo
     for (auto it = log.undo.rbegin(); it != log.undo.rend(); ++it) {
       if (!it->old.empty()) (void)!pwrite(log.fd, it->old.data(), it->old.size(), static_cast<off_t>(it->off));
       (void)!ftruncate(log.fd, static_cast<off_t>(it->old_size));
