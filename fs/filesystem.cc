@@ -23,6 +23,17 @@ std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
 Status errno_status(const char* what) { return Status::Io(errno, what); }
 
+constexpr const char* kAclAccess = "system.posix_acl_access";
+constexpr const char* kAclDefault = "system.posix_acl_default";
+
+bool acl_xattr(std::string_view name) { return name == kAclAccess || name == kAclDefault; }
+
+// Whether the filesystem under `fd` keeps POSIX ACLs: asking for one is ENODATA (none there)
+// rather than EOPNOTSUPP.
+bool backing_has_acls(int fd) {
+  return ::getxattr(proc_path(fd).c_str(), kAclAccess, nullptr, 0) >= 0 || errno == ENODATA;
+}
+
 // Closes a descriptor when the scope ends.
 struct FdGuard {
   int fd;
@@ -80,6 +91,7 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       inodes_(root_fd),
       layout_(keys_->block_size()),
       as_root_(geteuid() == 0),
+      acl_capable_(as_root_ && backing_has_acls(root_fd)),
       nonce_store_(nonce_store_of(config_)),
       root_fd_(root_fd) {}
 
@@ -195,6 +207,23 @@ Status Filesystem::make_entry(uint64_t parent, int dir_fd, const std::string& ba
   return s;
 }
 
+mode_t Filesystem::creation_mode(Inode& dir, int dir_fd, mode_t mode, Caller who) {
+  if ((mode & who.umask) == 0) return mode;  // also whenever the kernel applied it (umask 0)
+  return has_default_acl(dir, dir_fd) ? mode : mode & ~who.umask;
+}
+
+bool Filesystem::has_default_acl(Inode& dir, int dir_fd) {
+  {
+    std::lock_guard lock(dir.mu);
+    if (dir.default_acl >= 0) return dir.default_acl == 1;
+  }
+  // Set and removed only through us (setxattr, removexattr), which forget the answer.
+  const bool has = ::getxattr(proc_path(dir_fd).c_str(), kAclDefault, nullptr, 0) > 0;
+  std::lock_guard lock(dir.mu);
+  dir.default_acl = has ? 1 : 0;
+  return has;
+}
+
 Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_t mode) {
   if (!as_root_) return Status::Ok();
   // Made by root for root (as is every node a root cp makes): group 0, or the set-group-ID
@@ -215,9 +244,14 @@ Status Filesystem::own(int dir_fd, const std::string& backing, Caller who, mode_
     return errno_status("chown");
   }
   // chown clears set-user-ID/set-group-ID on files; a node created with them must keep them.
-  if (!S_ISLNK(mode) && (mode & (S_ISUID | S_ISGID)) &&
-      fchmodat(dir_fd, backing.c_str(), mode & 07777, 0) != 0) {
-    return errno_status("chmod");
+  // Its permission bits are taken as they are now, not from `mode`: a default ACL inherited
+  // from the directory may have narrowed them, and chmod would widen its ACL again.
+  if (!S_ISLNK(mode) && (mode & (S_ISUID | S_ISGID))) {
+    struct stat now;
+    if (fstatat(dir_fd, backing.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) return errno_status("stat");
+    if (fchmodat(dir_fd, backing.c_str(), (now.st_mode & 0777) | (mode & 07000), 0) != 0) {
+      return errno_status("chmod");
+    }
   }
   return Status::Ok();
 }
@@ -330,6 +364,7 @@ Status Filesystem::make_node(uint64_t parent, const char* name, mode_t mode, dev
   if (!pl.ok()) return pl.status();
   const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
+  mode = (mode & S_IFMT) | creation_mode(*pl->dir, pfd, mode & 07777, who);
   std::shared_ptr<OpenFile> opened;
   if (S_ISREG(mode)) {
     int fd = openat(pfd, bn->entry.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode & 07777);
@@ -379,17 +414,23 @@ Status Filesystem::mkdir(uint64_t parent, const char* name, mode_t mode, Caller 
   if (!pl.ok()) return pl.status();
   const int pfd = pl->dir_fd();
   const BackingName* bn = &pl->name;
-  // Created owner-writable so the nonce can go in; the requested mode is applied after.
-  if (mkdirat(pfd, bn->entry.c_str(), 0700) != 0) return errno_status("mkdir");
+  mode = creation_mode(*pl->dir, pfd, mode & 07777, who);
+  // Root can put the nonce into a directory of any mode, so it makes the directory with its
+  // mode at once: the backing filesystem then passes down the parent's default ACL and
+  // set-group-ID bit as POSIX says. Another user makes it owner-writable for the nonce, and
+  // sets the mode after (there are no ACLs then).
+  if (mkdirat(pfd, bn->entry.c_str(), as_root_ ? mode : 0700) != 0) return errno_status("mkdir");
   int fd = openat(pfd, bn->entry.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno_status("open new directory");
   FdGuard g{fd};
   auto nonce = create_dir_nonce(fd, nonce_store_);
   Status st = nonce.status();
-  // A directory made in a set-group-ID directory inherits the bit (the kernel does not send it).
-  struct stat parent_st;
-  if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
-  if (st.ok() && fchmod(fd, mode & 07777) != 0) st = errno_status("chmod");
+  if (!as_root_) {
+    // A directory made in a set-group-ID directory inherits the bit (the kernel does not send it).
+    struct stat parent_st;
+    if (st.ok() && fstat(pfd, &parent_st) == 0 && (parent_st.st_mode & S_ISGID)) mode |= S_ISGID;
+    if (st.ok() && fchmod(fd, mode) != 0) st = errno_status("chmod");
+  }
   if (st.ok()) st = own(pfd, bn->entry, who, S_IFDIR | mode);
   if (!st.ok()) {
     if (auto n = read_dir_nonce(fd); n.ok()) (void)remove_dir_nonce(fd, *n);
@@ -759,11 +800,11 @@ Status Filesystem::fsyncdir(uint64_t ino) {
 
 namespace {
 
-// Attributes the volume does not store. system.* are POSIX ACLs, which the kernel checks itself
-// under default_permissions. security.capability would be file capabilities, which a FUSE
-// mount does not honour by default (nosuid) and which FUSE_HANDLE_KILLPRIV_V2 would oblige us
-// to strip on every write, chown and truncate: refused, so a copy tool warns instead of
-// storing one that means nothing.
+// Attributes the volume does not store: system.*, but for the POSIX ACLs of a mount that has
+// them (set_acl, asked before this), and security.capability. That would be file capabilities,
+// which a FUSE mount does not honour by default (nosuid) and which FUSE_HANDLE_KILLPRIV_V2
+// would oblige us to strip on every write, chown and truncate: refused, so a copy tool warns
+// instead of storing one that means nothing.
 bool unsupported_xattr(std::string_view name) {
   return name.rfind("system.", 0) == 0 || name == "security.capability";
 }
@@ -788,6 +829,7 @@ Status Filesystem::statfs(struct statvfs* out) {
 Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
+  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, value, flags);
   if (unsupported_xattr(name) || unknown_xattr_namespace(name)) {
     return Status::Io(EOPNOTSUPP, "setxattr");
   }
@@ -808,10 +850,15 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   if (!i.ok()) return i.status();
   // This is also the answer to the kernel's question before the first write to each file
   // ("any security.capability to strip?", fs/fuse_channel.h), without touching the disk.
-  if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "getxattr");
-  if (unsupported_xattr(name)) return Status::Io(ENODATA, "getxattr");
-  auto enc = encrypt_xattr_name(*keys_, name);
-  if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
+  const bool acl = posix_acls_ && acl_xattr(name);
+  std::string stored = name;  // an ACL is stored under its own name, in the clear
+  if (!acl) {
+    if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "getxattr");
+    if (unsupported_xattr(name)) return Status::Io(ENODATA, "getxattr");
+    auto enc = encrypt_xattr_name(*keys_, name);
+    if (!enc.ok()) return Status::Io(ENODATA, "getxattr");
+    stored = std::move(enc).value();
+  }
   // An open file's descriptor saves a path walk through /proc, and the size probe saves a
   // 64 KiB buffer in the usual case of no such attribute.
   std::shared_ptr<OpenFile> of = (*i)->type == S_IFREG ? opened(**i) : nullptr;
@@ -823,7 +870,8 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   }
   std::string path = of ? std::string() : proc_path(backing->fd);
   auto get = [&](void* buf, size_t size) {
-    return of ? ::fgetxattr(of->fd, enc->c_str(), buf, size) : ::getxattr(path.c_str(), enc->c_str(), buf, size);
+    return of ? ::fgetxattr(of->fd, stored.c_str(), buf, size)
+              : ::getxattr(path.c_str(), stored.c_str(), buf, size);
   };
   ssize_t n = get(nullptr, 0);
   if (n < 0) return errno_status("getxattr");
@@ -831,7 +879,8 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   n = get(buf.data(), buf.size());
   if (n < 0) return errno_status("getxattr");  // ERANGE if it grew meanwhile: the caller retries
   buf.resize(static_cast<size_t>(n));
-  return decrypt_xattr_value(*keys_, *enc, buf);
+  if (acl) return buf;
+  return decrypt_xattr_value(*keys_, stored, buf);
 }
 
 Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
@@ -853,6 +902,10 @@ Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
   for (size_t pos = 0; pos < buf.size();) {
     std::string stored = buf.c_str() + pos;
     pos += stored.size() + 1;
+    if (posix_acls_ && acl_xattr(stored)) {
+      out.push_back(std::move(stored));
+      continue;
+    }
     auto plain = decrypt_xattr_name(*keys_, stored);
     if (plain.ok()) out.push_back(std::move(plain).value());
   }
@@ -862,12 +915,29 @@ Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
 Status Filesystem::removexattr(uint64_t ino, const char* name) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
+  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, {}, 0, true);
   if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "removexattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
   auto path = inodes_.path(**i);
   if (!path.ok()) return path.status();
   if (::removexattr(proc_path((*path)->fd).c_str(), enc->c_str()) != 0) return errno_status("removexattr");
+  return Status::Ok();
+}
+
+Status Filesystem::set_acl(Inode& inode, const char* name, ByteView value, int flags, bool remove) {
+  auto path = inodes_.path(inode);
+  if (!path.ok()) return path.status();
+  // The backing filesystem checks the ACL, and an access ACL sets the mode's bits with it.
+  const std::string at = proc_path((*path)->fd);
+  if (remove ? ::removexattr(at.c_str(), name) != 0
+             : ::setxattr(at.c_str(), name, value.data(), value.size(), flags) != 0) {
+    return errno_status(remove ? "removexattr" : "setxattr");
+  }
+  if (std::string_view(name) == kAclDefault) {
+    std::lock_guard lock(inode.mu);
+    inode.default_acl = -1;
+  }
   return Status::Ok();
 }
 

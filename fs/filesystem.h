@@ -53,11 +53,22 @@ class Filesystem {
   // The inodes the kernel holds, for dropping its caches of them.
   std::vector<uint64_t> inode_ids() { return inodes_.ids(); }
   InodeTable& inodes() { return inodes_; }
+  // POSIX ACLs (fs/FORMAT.md, "Extended attributes"): kept as the backing filesystem's own,
+  // which then does what POSIX asks of them (the mode's group bits as the mask, a default ACL
+  // passed down to new nodes, chmod). Possible when the daemon runs as root (it must reach
+  // every backing node whatever its ACL says) on a backing filesystem that has them; on once
+  // INIT has settled them with the kernel (use_posix_acls), which checks them itself.
+  bool can_store_acls() const { return acl_capable_; }
+  void use_posix_acls() { posix_acls_ = true; }
+  bool posix_acls() const { return posix_acls_; }
 
   // Caller identity for new files (set per request from fuse_req_ctx).
   struct Caller {
     uid_t uid;
     gid_t gid;
+    // With POSIX ACLs the kernel leaves the umask to us (FUSE_DONT_MASK): applied unless the
+    // parent has a default ACL. 0 otherwise: the kernel has applied it to the mode.
+    mode_t umask = 0;
   };
 
   Status lookup(uint64_t parent, const char* name, Entry* out);
@@ -138,6 +149,12 @@ class Filesystem {
   Status stat_inode(Inode& inode, struct stat* out, const struct stat* fresh = nullptr);
   Status make_entry(uint64_t parent, int dir_fd, const std::string& backing, Entry* out,
                     bool fresh);
+  // The mode to create a node with in `dir` (backing descriptor `dir_fd`): the caller's
+  // umask applied, unless the directory has a default ACL, which then stands in for it.
+  mode_t creation_mode(Inode& dir, int dir_fd, mode_t mode, Caller who);
+  bool has_default_acl(Inode& dir, int dir_fd);
+  // Sets (or removes) POSIX ACL `name` on the backing node, as it is.
+  Status set_acl(Inode& inode, const char* name, ByteView value, int flags, bool remove = false);
   // Gives a node the daemon created to the caller; `mode` is the one it was created with.
   Status own(int dir_fd, const std::string& backing, Caller who, mode_t mode);
   // If `entry` in `dir_fd` is the last link of a symlink whose target lives in a record,
@@ -163,6 +180,8 @@ class Filesystem {
   InodeTable inodes_;
   Layout layout_;
   const bool as_root_;
+  const bool acl_capable_;
+  bool posix_acls_ = false;  // set by INIT, before any other request
   const NonceStore nonce_store_;  // how this volume's directories keep their nonce
   const int root_fd_;  // the cipher root (O_PATH, owned by the inode table, never closed before it)
   void note_move(const struct stat& st);

@@ -23,7 +23,7 @@ Filesystem& fs_of(fuse_req_t req) { return *static_cast<Filesystem*>(fuse_req_us
 
 Filesystem::Caller caller(fuse_req_t req) {
   const fuse_ctx* c = fuse_req_ctx(req);
-  return {c->uid, c->gid};
+  return {c->uid, c->gid, fs_of(req).posix_acls() ? c->umask : mode_t{0}};
 }
 
 // Every request that may use a key: through the key gate (EKEYREVOKED while the root is
@@ -71,6 +71,14 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   auto* fs = static_cast<Filesystem*>(userdata);
   if (fs->options().writeback_cache && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) {
     conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  }
+  // POSIX ACLs: the kernel checks them (they imply default_permissions) and the backing
+  // filesystem keeps them. DONT_MASK leaves the umask to us, which must not apply it where the
+  // parent directory has a default ACL.
+  const uint64_t acls = FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
+  if (fs->can_store_acls() && (conn->capable & acls) == acls) {
+    conn->want |= acls;
+    fs->use_posix_acls();
   }
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;

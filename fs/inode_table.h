@@ -91,6 +91,7 @@ struct Inode {
   int open_count = 0;
   uint64_t parent = 0;          // a directory holding this inode (last seen)
   bool entry_unsynced = false;  // created or renamed since that directory was fsynced
+  int8_t default_acl = -1;      // directories: has a default ACL (1), has none (0), unknown (-1)
 
   // The descriptor, through InodeTable::path (which may have to open it again).
   std::mutex path_mu;                 // guards the four below

@@ -7,7 +7,7 @@ build_deps=(build-essential cmake pkg-config ccache libfuse3-dev fuse3 liburing-
             libxxhash-dev libsodium-dev libp11-kit-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
             libbenchmark-dev python3)
 test_deps=(softhsm2 python3-pykmip openssl fio sqlite3 postgresql postgresql-contrib rocksdb-tools librocksdb-dev
-           attr util-linux man-db groff-base dpkg-dev systemd xfsprogs btrfs-progs)
+           attr acl util-linux man-db groff-base dpkg-dev systemd xfsprogs btrfs-progs)
 want=("${build_deps[@]}")
 if [[ "${1:-}" != "--runtime-only" ]]; then want+=("${test_deps[@]}"); fi
 missing=()
