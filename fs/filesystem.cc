@@ -91,7 +91,7 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       inodes_(root_fd),
       layout_(keys_->block_size()),
       as_root_(geteuid() == 0),
-      acl_capable_(as_root_ && backing_has_acls(root_fd)),
+      acl_capable_(options.posix_acls && as_root_ && backing_has_acls(root_fd)),
       nonce_store_(nonce_store_of(config_)),
       root_fd_(root_fd) {}
 

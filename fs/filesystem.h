@@ -28,6 +28,10 @@ struct FsOptions {
   // Whole-block backing I/O with O_DIRECT, so plaintext (in the FUSE page cache) is not
   // cached a second time as ciphertext.
   bool direct_backing = false;
+  // POSIX ACLs where they can be kept (Filesystem::can_store_acls). They cost a GETXATTR round
+  // trip the first time a user other than the owner opens a node whose mode has group bits
+  // (the kernel must know whether it has an ACL); --no-acl saves it.
+  bool posix_acls = true;
 };
 
 struct Entry {

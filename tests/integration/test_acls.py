@@ -4,7 +4,8 @@ The same steps run in a directory on ext4 and on the mount, and what `getfacl` a
 show must be the same: the mask in the mode's group bits, chmod changing the mask, a default
 ACL passed down to new files and directories in place of the umask, the umask where there is
 none, and what another user may then read. Then they must survive a remount (fsck clean) and
-`cp -a`. On a backing filesystem without ACLs they are refused, and the umask still applies.
+`cp -a`. On a backing filesystem without ACLs, or with --no-acl, they are refused, and the
+umask still applies.
 """
 import errno
 import os
@@ -153,9 +154,23 @@ class PosixAcls(VolumeTest):
         self.assertEqual(cm.exception.errno, errno.ENODATA)
 
 
-class NoAclsOnTheBackingFilesystem(unittest.TestCase):
-    """On ramfs, which has no ACLs (nor any xattr), they are refused, and the kernel applies
+class AclsOff:
+    """Mixed into a TestCase whose mount has no ACLs: they are refused, and the kernel applies
     the umask as before."""
+
+    def test_acls_are_refused_and_the_umask_applies(self):
+        f = self.vol.path("f")
+        write_file(f, b"x")
+        r = run(["setfacl", "-m", f"u:{NOBODY}:r", f], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("Operation not supported", r.stderr)
+        with_umask(0o027, lambda: (write_file(self.vol.path("g"), b"x"), os.mkdir(self.vol.path("d"))))
+        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("g")).st_mode), 0o640)
+        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("d")).st_mode), 0o750)
+
+
+class OnRamfs(AclsOff, unittest.TestCase):
+    """ramfs keeps no ACLs (nor any xattr)."""
 
     def setUp(self):
         self.vol = Volume(init=False)
@@ -167,15 +182,9 @@ class NoAclsOnTheBackingFilesystem(unittest.TestCase):
         init_on_disk(self, self.vol, disk)
         self.vol.mount()
 
-    def test_acls_are_refused_and_the_umask_applies(self):
-        f = self.vol.path("f")
-        write_file(f, b"x")
-        r = run(["setfacl", "-m", f"u:{NOBODY}:r", f], check=False)
-        self.assertNotEqual(r.returncode, 0)
-        self.assertIn("Operation not supported", r.stderr)
-        with_umask(0o027, lambda: (write_file(self.vol.path("g"), b"x"), os.mkdir(self.vol.path("d"))))
-        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("g")).st_mode), 0o640)
-        self.assertEqual(stat.S_IMODE(os.stat(self.vol.path("d")).st_mode), 0o750)
+
+class WithNoAcl(AclsOff, VolumeTest):
+    mount_args = ("--no-acl",)
 
 
 if __name__ == "__main__":
