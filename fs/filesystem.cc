@@ -826,10 +826,11 @@ Status Filesystem::statfs(struct statvfs* out) {
   return Status::Ok();
 }
 
-Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags) {
+Status Filesystem::setxattr(uint64_t ino, const char* name, ByteView value, int flags,
+                            const std::function<bool(gid_t)>& keeps_setgid) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, value, flags);
+  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, value, flags, &keeps_setgid);
   if (unsupported_xattr(name) || unknown_xattr_namespace(name)) {
     return Status::Io(EOPNOTSUPP, "setxattr");
   }
@@ -915,7 +916,7 @@ Result<std::vector<std::string>> Filesystem::listxattr(uint64_t ino) {
 Status Filesystem::removexattr(uint64_t ino, const char* name) {
   auto i = inode(ino);
   if (!i.ok()) return i.status();
-  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, {}, 0, true);
+  if (posix_acls_ && acl_xattr(name)) return set_acl(**i, name, {}, 0, nullptr);
   if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "removexattr");
   auto enc = encrypt_xattr_name(*keys_, name);
   if (!enc.ok()) return Status::Io(ENODATA, "removexattr");
@@ -925,11 +926,13 @@ Status Filesystem::removexattr(uint64_t ino, const char* name) {
   return Status::Ok();
 }
 
-Status Filesystem::set_acl(Inode& inode, const char* name, ByteView value, int flags, bool remove) {
+Status Filesystem::set_acl(Inode& inode, const char* name, ByteView value, int flags,
+                           const std::function<bool(gid_t)>* keeps_setgid) {
   auto path = inodes_.path(inode);
   if (!path.ok()) return path.status();
   // The backing filesystem checks the ACL, and an access ACL sets the mode's bits with it.
   const std::string at = proc_path((*path)->fd);
+  const bool remove = keeps_setgid == nullptr;
   if (remove ? ::removexattr(at.c_str(), name) != 0
              : ::setxattr(at.c_str(), name, value.data(), value.size(), flags) != 0) {
     return errno_status(remove ? "removexattr" : "setxattr");
@@ -937,6 +940,14 @@ Status Filesystem::set_acl(Inode& inode, const char* name, ByteView value, int f
   if (std::string_view(name) == kAclDefault) {
     std::lock_guard lock(inode.mu);
     inode.default_acl = -1;
+    return Status::Ok();
+  }
+  // The daemon (root) may keep set-group-ID; the caller may not, unless in the node's group.
+  struct stat st;
+  if (!remove && fstatat((*path)->fd, "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) == 0 &&
+      (st.st_mode & S_ISGID) && !(*keeps_setgid)(st.st_gid) &&
+      fchmodat(AT_FDCWD, at.c_str(), st.st_mode & 07777 & ~S_ISGID, 0) != 0) {
+    return errno_status("chmod");
   }
   return Status::Ok();
 }

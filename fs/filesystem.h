@@ -103,7 +103,12 @@ class Filesystem {
   Status readdir(uint64_t ino, std::vector<DirEntry>* out);
   Status fsyncdir(uint64_t ino);
   Status statfs(struct statvfs* out);
-  Status setxattr(uint64_t ino, const char* name, ByteView value, int flags);
+  // `keeps_setgid(gid)`: whether the caller may keep the set-group-ID bit of a node of group
+  // `gid` (is in that group, or root). Setting an access ACL clears the bit otherwise, as chmod
+  // would; the kernel leaves that to the daemon (FUSE_SETXATTR_ACL_KILL_SGID, which libfuse
+  // 3.14 does not pass on, so it is worked out here).
+  Status setxattr(uint64_t ino, const char* name, ByteView value, int flags,
+                  const std::function<bool(gid_t)>& keeps_setgid);
   Result<Bytes> getxattr(uint64_t ino, const char* name);
   Result<std::vector<std::string>> listxattr(uint64_t ino);
   Status removexattr(uint64_t ino, const char* name);
@@ -157,8 +162,9 @@ class Filesystem {
   // umask applied, unless the directory has a default ACL, which then stands in for it.
   mode_t creation_mode(Inode& dir, int dir_fd, mode_t mode, Caller who);
   bool has_default_acl(Inode& dir, int dir_fd);
-  // Sets (or removes) POSIX ACL `name` on the backing node, as it is.
-  Status set_acl(Inode& inode, const char* name, ByteView value, int flags, bool remove = false);
+  // Sets (or removes, `keeps_setgid` null) POSIX ACL `name` on the backing node, as it is.
+  Status set_acl(Inode& inode, const char* name, ByteView value, int flags,
+                 const std::function<bool(gid_t)>* keeps_setgid);
   // Gives a node the daemon created to the caller; `mode` is the one it was created with.
   Status own(int dir_fd, const std::string& backing, Caller who, mode_t mode);
   // If `entry` in `dir_fd` is the last link of a symlink whose target lives in a record,

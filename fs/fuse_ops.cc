@@ -4,6 +4,7 @@
 
 #include <dirent.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <new>
@@ -363,9 +364,28 @@ void op_statfs(fuse_req_t req, fuse_ino_t) {
   });
 }
 
+// As the kernel's in_group_or_capable: root, or a member of `gid` (its primary group or one
+// of its supplementary groups, which libfuse reads from /proc).
+bool caller_in_group(fuse_req_t req, gid_t gid) {
+  const fuse_ctx* c = fuse_req_ctx(req);
+  if (c->uid == 0 || c->gid == gid) return true;
+  std::vector<gid_t> groups(32);
+  int n = fuse_req_getgroups(req, static_cast<int>(groups.size()), groups.data());
+  if (n > static_cast<int>(groups.size())) {
+    groups.resize(static_cast<size_t>(n));
+    n = fuse_req_getgroups(req, n, groups.data());
+  }
+  if (n <= 0) return false;
+  groups.resize(std::min(groups.size(), static_cast<size_t>(n)));
+  return std::find(groups.begin(), groups.end(), gid) != groups.end();
+}
+
 void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size, int flags) {
   guard(req, [&] {
-    reply_status(req, fs_of(req).setxattr(ino, name, {reinterpret_cast<const uint8_t*>(value), size}, flags),
+    auto keeps_setgid = [req](gid_t gid) { return caller_in_group(req, gid); };
+    reply_status(req,
+                 fs_of(req).setxattr(ino, name, {reinterpret_cast<const uint8_t*>(value), size}, flags,
+                                     keeps_setgid),
                  "setxattr", ino);
   });
 }

@@ -39,6 +39,7 @@ def as_user(uid, fn):
     if pid == 0:
         code = 0
         try:
+            os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
             fn()
@@ -91,6 +92,14 @@ def acl_steps(base):
     os.mkdir(p("e"), 0o755)
     with_umask(0o027, lambda: make_in("e"))  # no default ACL: the umask applies
 
+    # An owner outside the file's group sets an access ACL: the set-group-ID bit goes, as with
+    # chmod; a member's stays.
+    for name, group in (("outside", 4321), ("member", NOBODY)):
+        write_file(p(name), b"x")
+        os.chown(p(name), NOBODY, group)
+        os.chmod(p(name), 0o2770)
+        seen[name] = as_user(NOBODY, lambda: setfacl("-m", "u:0:r", p(name)))
+
     setfacl("-k", p("d"))  # the default ACL goes; new nodes get the umask again
     with_umask(0o077, lambda: write_file(p("d", "after"), b"x"))
     setfacl("-b", p("f"))  # every extended entry goes; the mode keeps the mask's bits
@@ -115,10 +124,12 @@ class PosixAcls(VolumeTest):
         self.assertEqual(on_mount, on_ext4)
         # What the steps are about, not only that both agree.
         self.assertEqual(on_ext4, {"before": errno.EACCES, "granted": 0, "masked": errno.EACCES,
-                                   "inherited": 0, "nested": 0, "setgid": 0,
+                                   "inherited": 0, "nested": 0, "setgid": 0, "outside": 0, "member": 0,
                                    "removed": errno.EACCES})
         self.assertEqual(getfacl(self.vol.mnt), getfacl(self.plain))
         self.assertEqual(modes(self.vol.mnt), modes(self.plain))
+        mode_on_ext4 = lambda n: stat.S_IMODE(os.stat(os.path.join(self.plain, n)).st_mode)
+        self.assertEqual([mode_on_ext4("outside"), mode_on_ext4("member")], [0o770, 0o2770])
         self.assertIn(f"user:{NOBODY}:rwx", run(["getfacl", "-p", "-n", self.vol.path("d", "sub")]).stdout)
 
     def test_acls_survive_a_remount_and_cp_a(self):
