@@ -8,10 +8,12 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <optional>
 #include <vector>
 
 #include "fs/cipher_file.h"
 #include "fs/names.h"
+#include "fs/salvage.h"
 #include "fs/volume_lock.h"
 #include "keyhierarchy/audit_log.h"
 
@@ -20,9 +22,11 @@ namespace {
 
 class Checker {
  public:
-  // `read_blocks` false: metadata pages only (scan_dek_use).
-  Checker(VolumeKeys& keys, IoBackend& io, int root_fd, bool quiet, bool read_blocks = true)
-      : keys_(keys), io_(io), root_fd_(root_fd), quiet_(quiet), read_blocks_(read_blocks) {}
+  // `read_blocks` false: metadata pages only (scan_dek_use). `repair`: a file found damaged is
+  // salvaged (fs/salvage.h) once it has been checked.
+  Checker(VolumeKeys& keys, IoBackend& io, int root_fd, bool quiet, bool read_blocks = true,
+          bool repair = false)
+      : keys_(keys), io_(io), root_fd_(root_fd), quiet_(quiet), read_blocks_(read_blocks), repair_(repair) {}
 
   void dir(int dir_fd, const std::string& plain_path, const std::string& backing_path) {
     report_.dirs++;
@@ -41,6 +45,7 @@ class Checker {
     int dup_fd = dup(dir_fd);
     DIR* d = fdopendir(dup_fd);
     if (d == nullptr) return problem(plain_path + "/", "cannot list");
+    rewinddir(d);  // the duplicate shares the offset a walk before this one left at the end
     std::vector<std::pair<std::string, unsigned char>> entries;
     while (dirent* e = readdir(d)) entries.emplace_back(e->d_name, e->d_type);
     closedir(d);
@@ -80,6 +85,15 @@ class Checker {
 
   void file(int dir_fd, const std::string& backing, const std::string& path) {
     report_.files++;
+    const uint64_t before = report_.problems;
+    check_file(dir_fd, backing, path);
+    if (repair_ && report_.problems > before) salvage(dir_fd, backing, path);
+  }
+
+  const FsckReport& report() const { return report_; }
+
+ private:
+  void check_file(int dir_fd, const std::string& backing, const std::string& path) {
     int fd = openat(dir_fd, backing.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) return problem(path, "cannot open");
     struct stat st;
@@ -110,9 +124,41 @@ class Checker {
     if (!read_blocks_) progress();
   }
 
-  const FsckReport& report() const { return report_; }
+  void salvage(int dir_fd, const std::string& backing, const std::string& path) {
+    int fd = openat(dir_fd, backing.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return (void)std::printf("NOT REPAIRED %s: cannot open it for writing\n", path.c_str());
+    auto r = salvage_file(fd, keys_, io_);
+    close(fd);
+    if (!r.ok()) {
+      std::printf("NOT REPAIRED %s: %s\n", path.c_str(), r.status().to_string().c_str());
+      return;
+    }
+    const uint64_t bs = keys_.block_size();
+    if (r->emptied) std::printf("REPAIRED %s: shorter than its header, now an empty file\n", path.c_str());
+    auto group = [](uint64_t p) {
+      const uint64_t first = p * kBlocksPerGroup;
+      return "blocks " + std::to_string(first) + "-" + std::to_string(first + kBlocksPerGroup - 1);
+    };
+    for (uint64_t p : r->pages_resealed) {
+      std::printf("REPAIRED %s: metadata page %lu sealed again from its entries: %s kept where they "
+                  "authenticate\n", path.c_str(), static_cast<unsigned long>(p), group(p).c_str());
+    }
+    for (uint64_t p : r->pages_replaced) {
+      std::printf("REPAIRED %s: metadata page %lu was not one: replaced, %s read as zeros\n", path.c_str(),
+                  static_cast<unsigned long>(p), group(p).c_str());
+    }
+    for (uint64_t b : r->blocks_given_up) {
+      std::printf("REPAIRED %s: block %lu (bytes %lu-%lu) is a hole now: it reads as zeros\n", path.c_str(),
+                  static_cast<unsigned long>(b), static_cast<unsigned long>(b * bs),
+                  static_cast<unsigned long>((b + 1) * bs - 1));
+    }
+    if (r->still_failing) {
+      std::printf("NOT REPAIRED %s: %lu blocks still do not read (not an authentication failure)\n",
+                  path.c_str(), static_cast<unsigned long>(r->still_failing));
+    }
+    if (r->changed()) report_.repaired_files++;
+  }
 
- private:
   void problem(const std::string& path, const std::string& what) {
     report_.problems++;
     std::printf("FAIL %s: %s\n", path.c_str(), what.c_str());
@@ -137,6 +183,7 @@ class Checker {
   int root_fd_;
   bool quiet_;
   const bool read_blocks_;
+  const bool repair_;
   FsckReport report_;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
@@ -150,8 +197,28 @@ FsckReport scan_dek_use(VolumeKeys& keys, int root_fd, bool quiet) {
   return c.report();
 }
 
-int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet) {
-  if (volume_in_use(cipher_dir)) {
+namespace {
+
+void print_summary(const FsckReport& r, const char* when) {
+  std::printf("fsck%s: %lu directories, %lu files, %lu symlinks, %lu blocks checked; %lu problems\n", when,
+              static_cast<unsigned long>(r.dirs), static_cast<unsigned long>(r.files),
+              static_cast<unsigned long>(r.symlinks), static_cast<unsigned long>(r.blocks),
+              static_cast<unsigned long>(r.problems));
+}
+
+}  // namespace
+
+int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, bool quiet, bool repair) {
+  std::optional<VolumeLock> lock;  // a repair holds the volume as a mount would
+  if (repair) {
+    auto locked = lock_volume(cipher_dir, false);
+    if (!locked.ok()) {
+      std::fprintf(stderr, "envelopefs fsck --repair: %s (unmount it first); nothing was changed\n",
+                   locked.status().message().c_str());
+      return 2;
+    }
+    lock.emplace(std::move(locked).value());
+  } else if (volume_in_use(cipher_dir)) {
     // Still checked (its keys are what the check needs, not the daemon's), but a file written
     // while the check reads it can look damaged for a moment: said first, not found later.
     std::fprintf(stderr,
@@ -167,21 +234,25 @@ int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, boo
     return 2;
   }
   audit({"fsck", "ok", to_hex(volume->config.volume_id), cipher_dir, volume->config.root_uri,
-         "keys unwrapped to check"});
+         repair ? "keys unwrapped to check and repair" : "keys unwrapped to check"});
   int root = open(cipher_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (root < 0) {
     std::perror("envelopefs fsck");
     return 2;
   }
   auto io = make_posix_backend();
-  Checker c(*volume->keys, *io, root, quiet);
+  Checker c(*volume->keys, *io, root, quiet, true, repair);
   c.dir(root, "", cipher_dir);
+  print_summary(c.report(), "");
+  FsckReport r = c.report();
+  if (r.repaired_files > 0) {
+    std::printf("fsck: %lu files repaired; checking again\n", static_cast<unsigned long>(r.repaired_files));
+    Checker again(*volume->keys, *io, root, quiet);
+    again.dir(root, "", cipher_dir);
+    r = again.report();
+    print_summary(r, " after repair");
+  }
   close(root);
-  const FsckReport& r = c.report();
-  std::printf("fsck: %lu directories, %lu files, %lu symlinks, %lu blocks checked; %lu problems\n",
-              static_cast<unsigned long>(r.dirs), static_cast<unsigned long>(r.files),
-              static_cast<unsigned long>(r.symlinks), static_cast<unsigned long>(r.blocks),
-              static_cast<unsigned long>(r.problems));
   // Which DEK versions the blocks still need: after `rotate-dek` and a completed re-wrap, only
   // the active one (fs/block_rewrap.h).
   std::string keys;

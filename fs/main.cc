@@ -426,6 +426,7 @@ int main(int argc, char** argv) {
 
   uint32_t drop_version = 0;
   bool yes = false;
+  bool repair = false;
   auto* drop = app.add_subcommand(
       "drop-dek", "remove a retired DEK version that no file uses any more (after rotate-dek and the\n"
                   "mount's re-wrap); copies of the cipher dir taken before then lose what it still wraps");
@@ -437,6 +438,10 @@ int main(int argc, char** argv) {
   auto* fsck = app.add_subcommand("fsck", "check every name and block; exit 0 clean, 1 problems, 2 error");
   fsck->add_option("--passfile", po.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   fsck->add_flag("-q,--quiet", quiet, "no progress output");
+  fsck->add_flag("--repair", repair,
+                 "make damaged files readable again (volume unmounted): a block that does not\n"
+                 "authenticate becomes a hole (reads as zeros), a torn metadata page is sealed\n"
+                 "again keeping the blocks that authenticate; then checks again (exit 0: clean)");
   fsck->add_option("CIPHERDIR", dir, "the volume's cipher dir")->required();
 
   std::vector<char*> cargv;
@@ -469,7 +474,7 @@ int main(int argc, char** argv) {
   }
   if (*unmount) return run_unmount(mountpoint, lazy);
   if (*status) return cmd_status(dir, json);
-  if (*fsck) return run_fsck(dir, po, quiet);
+  if (*fsck) return run_fsck(dir, po, quiet, repair);
   if (*rewrap) return cmd_rewrap(dir, rewrap_to, po, next_po);
   if (*rotate) return cmd_rotate_dek(dir, po);
   if (*drop) return cmd_drop_dek(dir, drop_version, yes, po);

@@ -39,6 +39,13 @@ MetaPage MetaPage::fresh(const FileId& file_id, uint64_t page_index, uint32_t bl
   return p;
 }
 
+bool MetaPage::names_position(uint64_t index, uint32_t block_size) const {
+  return std::memcmp(bytes_.data() + kOffMagic, kPageMagic, 4) == 0 &&
+         le::get16(bytes_.data() + kOffVersion) == kPageFormatVersion &&
+         le::get16(bytes_.data() + kOffFlags) == 0 &&
+         page_index() == index && this->block_size() == block_size;
+}
+
 bool MetaPage::all_zero() const {
   return std::all_of(bytes_.begin(), bytes_.end(), [](uint8_t b) { return b == 0; });
 }

@@ -67,6 +67,10 @@ class MetaPage {
   Status verify(VolumeKeys& keys, const FileId& expected_file, uint64_t expected_index) const;
   // True if the page's own XXH3 checksum fails: a torn write rather than a forgery.
   bool checksum_fails() const;
+  // True if the unauthenticated header says this is page `index` of a file of `block_size`
+  // blocks in a format this build reads: what a repair needs to take the entries of a page
+  // that does not authenticate (fs/salvage.h).
+  bool names_position(uint64_t index, uint32_t block_size) const;
 
  private:
   Result<Mac256> compute_mac(VolumeKeys& keys, uint32_t dek_version) const;

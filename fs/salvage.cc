@@ -1,0 +1,110 @@
+#include "fs/salvage.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <set>
+
+#include "crypto/random.h"
+#include "fs/cipher_file.h"
+#include "fs/layout.h"
+#include "fs/metadata_page.h"
+
+namespace envelopefs {
+namespace {
+
+Status write_page(int fd, const Layout& layout, uint64_t index, const MetaPage& page) {
+  ssize_t n = pwrite(fd, page.data(), kMetaPageSize, static_cast<off_t>(layout.page_offset(index)));
+  if (n != static_cast<ssize_t>(kMetaPageSize)) return Status::Io(n < 0 ? errno : EIO, "write of a metadata page");
+  return Status::Ok();
+}
+
+// The blocks of the file in `fd` that fail to authenticate, and how many fail otherwise.
+Result<std::vector<uint64_t>> unauthentic_blocks(int fd, VolumeKeys& keys, IoBackend& io, uint64_t* other) {
+  auto f = CipherFile::open(fd, keys, io);
+  if (!f.ok()) return f.status();
+  const uint32_t bs = keys.block_size();
+  std::vector<uint8_t> buf(bs);
+  std::vector<uint64_t> bad;
+  *other = 0;
+  for (uint64_t off = 0; off < (*f)->size(); off += bs) {
+    auto n = (*f)->read(off, buf);
+    if (n.ok()) continue;
+    if (n.status().code() == Code::kAuthFailed) bad.push_back(off / bs);
+    else ++*other;
+  }
+  return bad;
+}
+
+}  // namespace
+
+Result<SalvageReport> salvage_file(int fd, VolumeKeys& keys, IoBackend& io) {
+  SalvageReport r;
+  struct stat st;
+  if (fstat(fd, &st) != 0) return Status::Io(errno, "stat of backing file");
+  if (st.st_size == 0) return r;
+  if (static_cast<uint64_t>(st.st_size) < kMetaPageSize) {
+    // Its first write did not land whole: nothing in it was ever readable.
+    if (ftruncate(fd, 0) != 0 || fdatasync(fd) != 0) return Status::Io(errno, "truncate of backing file");
+    r.emptied = true;
+    return r;
+  }
+  const uint32_t bs = keys.block_size();
+  const Layout layout(bs);
+  const uint64_t size = layout.plaintext_size(static_cast<uint64_t>(st.st_size));
+  const uint64_t pages = layout.page_count(size);
+  const uint64_t blocks = layout.block_count(size);
+  std::vector<MetaPage> raw(pages);
+  for (uint64_t p = 0; p < pages; ++p) {
+    ssize_t n = pread(fd, raw[p].data(), kMetaPageSize, static_cast<off_t>(layout.page_offset(p)));
+    if (n < 0) return Status::Io(errno, "read of a metadata page");
+  }
+
+  // The file id: that of a page that authenticates under the id it names, else the one page 0
+  // names, else a new one (no block opens then, and the file reads as zeros).
+  FileId id{};
+  bool known = false;
+  for (uint64_t p = 0; p < pages && !known; ++p) {
+    known = raw[p].verify(keys, raw[p].file_id(), p).ok();
+    if (known) id = raw[p].file_id();
+  }
+  if (!known && raw[0].names_position(0, bs)) id = raw[0].file_id();
+  else if (!known) ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
+
+  for (uint64_t p = 0; p < pages; ++p) {
+    if (raw[p].verify(keys, id, p).ok()) continue;
+    MetaPage page = MetaPage::fresh(id, p, bs);
+    const bool a_page = raw[p].names_position(p, bs);
+    // The entries of the file's blocks; those past its end stay empty, as a write leaves them.
+    for (uint64_t b = p * kBlocksPerGroup; a_page && b < std::min(blocks, (p + 1) * kBlocksPerGroup); ++b) {
+      for (int w = 0; w < 2; ++w) page.set_slot(Layout::entry_of(b), w, raw[p].slot(Layout::entry_of(b), w));
+    }
+    ENVELOPEFS_RETURN_IF_ERROR(page.seal(keys));
+    ENVELOPEFS_RETURN_IF_ERROR(write_page(fd, layout, p, page));
+    raw[p] = page;
+    (a_page ? r.pages_resealed : r.pages_replaced).push_back(p);
+  }
+
+  uint64_t other = 0;
+  auto bad = unauthentic_blocks(fd, keys, io, &other);
+  if (!bad.ok()) return bad.status();
+  std::set<uint64_t> touched;
+  for (uint64_t b : *bad) {
+    raw[Layout::page_of(b)].clear_entry(Layout::entry_of(b));
+    touched.insert(Layout::page_of(b));
+  }
+  for (uint64_t p : touched) {
+    ENVELOPEFS_RETURN_IF_ERROR(raw[p].seal(keys));
+    ENVELOPEFS_RETURN_IF_ERROR(write_page(fd, layout, p, raw[p]));
+  }
+  r.blocks_given_up = std::move(bad).value();
+  if (r.changed() && fdatasync(fd) != 0) return Status::Io(errno, "fdatasync of backing file");
+
+  auto left = unauthentic_blocks(fd, keys, io, &other);
+  if (!left.ok()) return left.status();
+  r.still_failing = left->size() + other;
+  return r;
+}
+
+}  // namespace envelopefs
