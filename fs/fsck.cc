@@ -126,7 +126,10 @@ class Checker {
 
   void salvage(int dir_fd, const std::string& backing, const std::string& path) {
     int fd = openat(dir_fd, backing.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) return (void)std::printf("NOT REPAIRED %s: cannot open it for writing\n", path.c_str());
+    if (fd < 0) {
+      std::printf("NOT REPAIRED %s: cannot open it for writing\n", path.c_str());
+      return;
+    }
     auto r = salvage_file(fd, keys_, io_);
     close(fd);
     if (!r.ok()) {
@@ -213,7 +216,7 @@ int run_fsck(const std::string& cipher_dir, const ProviderOptions& provider, boo
   if (repair) {
     auto locked = lock_volume(cipher_dir, false);
     if (!locked.ok()) {
-      std::fprintf(stderr, "envelopefs fsck --repair: %s (unmount it first); nothing was changed\n",
+      std::fprintf(stderr, "envelopefs fsck --repair: %s; nothing was changed\n",
                    locked.status().message().c_str());
       return 2;
     }

@@ -55,7 +55,8 @@ class Repair(VolumeTest):
         before = read_file(backing)
         r = self.fsck("--repair")
         self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
-        self.assertIn("unmount it first", r.stderr)
+        self.assertIn(f"is mounted already read-write on {self.vol.mnt}", r.stderr)
+        self.assertIn("nothing was changed", r.stderr)
         self.assertEqual(read_file(backing), before)
 
         self.vol.unmount()
