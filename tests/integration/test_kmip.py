@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,8 +61,10 @@ class KmipServer:
         return os.path.join(self.dir, name)
 
     def start(self):
+        # In a session of its own: its policy monitor is a child process, which a kill of the
+        # server alone would leave running (one per test, until the machine restarts).
         self.proc = subprocess.Popen([SERVER, "-f", self.path("server.conf"), "-l", self.path("server.log")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         end = time.time() + 60
         while time.time() < end:
             try:
@@ -77,7 +80,7 @@ class KmipServer:
         if self.proc and self.proc.poll() is None:
             # Killed, not terminated: after serving a client, pykmip-server takes 10 s to stop
             # on SIGTERM. Its database is SQLite, committed per operation.
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
 
