@@ -28,10 +28,13 @@ struct FsOptions {
   // Whole-block backing I/O with O_DIRECT, so plaintext (in the FUSE page cache) is not
   // cached a second time as ciphertext.
   bool direct_backing = false;
-  // POSIX ACLs where they can be kept (Filesystem::can_store_acls). They cost a GETXATTR round
-  // trip the first time a user other than the owner opens a node whose mode has group bits
-  // (the kernel must know whether it has an ACL); --no-acl saves it.
-  bool posix_acls = true;
+  // POSIX ACLs (--acl), where they can be kept (Filesystem::can_store_acls). Off by default for
+  // their cost: the kernel asks whether a node has an ACL when a user other than its owner
+  // passes a mode with group bits, and never caches the answer for the mount's root, whose
+  // inode it makes before INIT has said that the mount has ACLs. So with them, every path
+  // walk through the root by such a user is a GETXATTR round trip: a stat of a cached path
+  // 2.2 → 32-42 µs, an open and close 55-61 → 85-88 µs (bench/README).
+  bool posix_acls = false;
 };
 
 struct Entry {
@@ -60,7 +63,8 @@ class Filesystem {
   // POSIX ACLs (fs/FORMAT.md, "Extended attributes"): kept as the backing filesystem's own,
   // which then does what POSIX asks of them (the mode's group bits as the mask, a default ACL
   // passed down to new nodes, chmod). Possible when the daemon runs as root (it must reach
-  // every backing node whatever its ACL says) on a backing filesystem that has them; on once
+  // every backing node whatever its ACL says) on a backing filesystem that has them, when the
+  // mount asks for them (FsOptions::posix_acls); on once
   // INIT has settled them with the kernel (use_posix_acls), which checks them itself.
   bool can_store_acls() const { return acl_capable_; }
   void use_posix_acls() { posix_acls_ = true; }

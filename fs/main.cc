@@ -303,7 +303,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else if (o.rfind("fuse_transport=", 0) == 0) mo->fuse_transport = o.substr(15);
     else if (o == "no_writeback") mo->fs.writeback_cache = false;
     else if (o == "direct_backing") mo->fs.direct_backing = true;
-    else if (o == "no_acl") mo->fs.posix_acls = false;
+    else if (o == "acl") mo->fs.posix_acls = true;
     else if (o == "allow_other") mo->allow_other = true;
     else if (o.rfind("key_check_interval=", 0) == 0) mo->key_check_interval = number_or_invalid(o.substr(19), kMaxCheckInterval);
     else if (o.rfind("key_unreachable_grace=", 0) == 0) mo->key_unreachable_grace = number_or_invalid(o.substr(22), kMaxUnreachableGrace);
@@ -356,17 +356,17 @@ int main(int argc, char** argv) {
   mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
-                                "no_uring, no_writeback, direct_backing, no_acl, fuse_transport=T,\n"
+                                "no_uring, no_writeback, direct_backing, acl, fuse_transport=T,\n"
                                 "key_check_interval=N, key_unreachable_grace=N, rewrap_rate=N");
   mount->add_option("--passfile", mo.provider.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
   mount->add_flag("--no-writeback", [&](int64_t) { mo.fs.writeback_cache = false; },
                   "disable the kernel writeback cache");
-  mount->add_flag("--no-acl", [&](int64_t) { mo.fs.posix_acls = false; },
-                  "no POSIX ACLs (kept by default where the daemon is root and the backing\n"
-                  "filesystem has them; then the first open of a file by a user other than its\n"
-                  "owner costs one more round trip)");
+  mount->add_flag("--acl", mo.fs.posix_acls,
+                  "POSIX ACLs, kept as the backing filesystem's own (the daemon must be root and\n"
+                  "the backing filesystem have them); then every path lookup through the mount's\n"
+                  "root by a user other than its owner costs one more round trip");
   mount->add_flag("--direct-backing", mo.fs.direct_backing,
                   "backing I/O with O_DIRECT: plaintext is not cached twice (page cache holds\n"
                   "only the plaintext); where the backing filesystem refuses O_DIRECT I/O (tried\n"

@@ -4,8 +4,8 @@ The same steps run in a directory on ext4 and on the mount, and what `getfacl` a
 show must be the same: the mask in the mode's group bits, chmod changing the mask, a default
 ACL passed down to new files and directories in place of the umask, the umask where there is
 none, and what another user may then read. Then they must survive a remount (fsck clean) and
-`cp -a`. On a backing filesystem without ACLs, or with --no-acl, they are refused, and the
-umask still applies.
+`cp -a`. Without `mount --acl`, or on a backing filesystem without ACLs, they are refused, and
+the umask still applies.
 """
 import errno
 import os
@@ -108,7 +108,7 @@ def acl_steps(base):
 
 
 class PosixAcls(VolumeTest):
-    mount_args = ("--allow-other",)
+    mount_args = ("--allow-other", "--acl")
 
     def setUp(self):
         super().setUp()
@@ -140,7 +140,7 @@ class PosixAcls(VolumeTest):
         run(["cp", "-a", os.path.join(self.plain, "tree"), self.vol.path("tree")])
         before = getfacl(self.vol.mnt)
         self.assertTrue(any("group:4321:r--" in b for b in before))
-        self.vol.remount("--allow-other")
+        self.vol.remount("--allow-other", "--acl")
         self.assertEqual(getfacl(self.vol.mnt), before)
         self.assertEqual(getfacl(self.vol.path("tree")), getfacl(os.path.join(self.plain, "tree")))
         r = run([BIN, "fsck", "-q", self.vol.cipher], check=False)
@@ -191,11 +191,14 @@ class OnRamfs(AclsOff, unittest.TestCase):
         run(["mount", "-t", "ramfs", "ramfs", disk])
         self.addCleanup(run, ["umount", "-l", disk], check=False)
         init_on_disk(self, self.vol, disk)
-        self.vol.mount()
+        self.vol.mount("--acl")
+
+    def test_the_mount_says_it_has_no_acls(self):
+        self.assertIn("POSIX ACLs are off", self.vol.log_text())
 
 
-class WithNoAcl(AclsOff, VolumeTest):
-    mount_args = ("--no-acl",)
+class WithoutAcl(AclsOff, VolumeTest):
+    """Without --acl: the default, for what ACLs cost (fs/filesystem.h, FsOptions)."""
 
 
 if __name__ == "__main__":
