@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <set>
 
 #include "crypto/random.h"
 #include "fs/cipher_file.h"
@@ -13,6 +12,14 @@
 
 namespace envelopefs {
 namespace {
+
+// A page as it is on disk, unchecked; zeros where the file is short of it.
+Status read_page(int fd, const Layout& layout, uint64_t index, MetaPage* page) {
+  *page = MetaPage();
+  ssize_t n = pread(fd, page->data(), kMetaPageSize, static_cast<off_t>(layout.page_offset(index)));
+  if (n < 0) return Status::Io(errno, "read of a metadata page");
+  return Status::Ok();
+}
 
 Status write_page(int fd, const Layout& layout, uint64_t index, const MetaPage& page) {
   ssize_t n = pwrite(fd, page.data(), kMetaPageSize, static_cast<off_t>(layout.page_offset(index)));
@@ -55,48 +62,49 @@ Result<SalvageReport> salvage_file(int fd, VolumeKeys& keys, IoBackend& io) {
   const uint64_t size = layout.plaintext_size(static_cast<uint64_t>(st.st_size));
   const uint64_t pages = layout.page_count(size);
   const uint64_t blocks = layout.block_count(size);
-  std::vector<MetaPage> raw(pages);
-  for (uint64_t p = 0; p < pages; ++p) {
-    ssize_t n = pread(fd, raw[p].data(), kMetaPageSize, static_cast<off_t>(layout.page_offset(p)));
-    if (n < 0) return Status::Io(errno, "read of a metadata page");
-  }
+  // One page in memory at a time: a file of a TiB has 8 million of them.
+  MetaPage raw;
 
   // The file id: that of a page that authenticates under the id it names, else the one page 0
   // names, else a new one (no block opens then, and the file reads as zeros).
   FileId id{};
   bool known = false;
   for (uint64_t p = 0; p < pages && !known; ++p) {
-    known = raw[p].verify(keys, raw[p].file_id(), p).ok();
-    if (known) id = raw[p].file_id();
+    ENVELOPEFS_RETURN_IF_ERROR(read_page(fd, layout, p, &raw));
+    known = raw.verify(keys, raw.file_id(), p).ok();
+    if (known) id = raw.file_id();
   }
-  if (!known && raw[0].names_position(0, bs)) id = raw[0].file_id();
-  else if (!known) ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
+  if (!known) {
+    ENVELOPEFS_RETURN_IF_ERROR(read_page(fd, layout, 0, &raw));
+    if (raw.names_position(0, bs)) id = raw.file_id();
+    else ENVELOPEFS_RETURN_IF_ERROR(random_fill(id));
+  }
 
   for (uint64_t p = 0; p < pages; ++p) {
-    if (raw[p].verify(keys, id, p).ok()) continue;
+    ENVELOPEFS_RETURN_IF_ERROR(read_page(fd, layout, p, &raw));
+    if (raw.verify(keys, id, p).ok()) continue;
     MetaPage page = MetaPage::fresh(id, p, bs);
-    const bool a_page = raw[p].names_position(p, bs);
+    const bool a_page = raw.names_position(p, bs);
     // The entries of the file's blocks; those past its end stay empty, as a write leaves them.
     for (uint64_t b = p * kBlocksPerGroup; a_page && b < std::min(blocks, (p + 1) * kBlocksPerGroup); ++b) {
-      for (int w = 0; w < 2; ++w) page.set_slot(Layout::entry_of(b), w, raw[p].slot(Layout::entry_of(b), w));
+      for (int w = 0; w < 2; ++w) page.set_slot(Layout::entry_of(b), w, raw.slot(Layout::entry_of(b), w));
     }
     ENVELOPEFS_RETURN_IF_ERROR(page.seal(keys));
     ENVELOPEFS_RETURN_IF_ERROR(write_page(fd, layout, p, page));
-    raw[p] = page;
     (a_page ? r.pages_resealed : r.pages_replaced).push_back(p);
   }
 
   uint64_t other = 0;
   auto bad = unauthentic_blocks(fd, keys, io, &other);
   if (!bad.ok()) return bad.status();
-  std::set<uint64_t> touched;
-  for (uint64_t b : *bad) {
-    raw[Layout::page_of(b)].clear_entry(Layout::entry_of(b));
-    touched.insert(Layout::page_of(b));
-  }
-  for (uint64_t p : touched) {
-    ENVELOPEFS_RETURN_IF_ERROR(raw[p].seal(keys));
-    ENVELOPEFS_RETURN_IF_ERROR(write_page(fd, layout, p, raw[p]));
+  for (size_t k = 0; k < bad->size();) {  // in order: the blocks of one page are together
+    const uint64_t p = Layout::page_of((*bad)[k]);
+    ENVELOPEFS_RETURN_IF_ERROR(read_page(fd, layout, p, &raw));
+    for (; k < bad->size() && Layout::page_of((*bad)[k]) == p; ++k) {
+      raw.clear_entry(Layout::entry_of((*bad)[k]));
+    }
+    ENVELOPEFS_RETURN_IF_ERROR(raw.seal(keys));
+    ENVELOPEFS_RETURN_IF_ERROR(write_page(fd, layout, p, raw));
   }
   r.blocks_given_up = std::move(bad).value();
   if (r.changed() && fdatasync(fd) != 0) return Status::Io(errno, "fdatasync of backing file");
