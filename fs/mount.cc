@@ -11,7 +11,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -48,12 +47,6 @@ int fail(ReadyPipe& ready, bool foreground, const std::string& msg) {
   if (foreground) std::fprintf(stderr, "envelopefs: %s\n", msg.c_str());
   ready.send("envelopefs: " + msg);
   return 1;
-}
-
-std::string absolute(const std::string& p) {
-  std::error_code ec;
-  auto a = std::filesystem::absolute(p, ec);
-  return ec ? p : a.lexically_normal().string();
 }
 
 // The kernel starts a FUSE mount's readahead at 128 KiB and only ever lowers it at INIT, so
@@ -205,14 +198,14 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   harden_process();
   const rlim_t fd_limit = raise_open_file_limit();
   // Resolved now: the daemon changes to / once it is in the background.
-  const std::string mountpoint = absolute(o.mountpoint);
+  const std::string mountpoint = absolute_path(o.mountpoint);
   // The kernel has already applied the caller's umask to every mode it sends; ours must not
   // mask it a second time.
   umask(0);
   if (!o.log_file.empty()) log_to(LogTarget::kFile, o.log_file);
   else if (!o.foreground) log_to(LogTarget::kSyslog);
 
-  std::string cipher = absolute(o.cipher_dir);
+  std::string cipher = absolute_path(o.cipher_dir);
   bool replace_dead_mount = false;
   if (Status st = check_mountpoint(o.mountpoint, cipher, &replace_dead_mount); !st.ok()) {
     return fail(ready, o.foreground, "cannot mount: " + st.message());

@@ -45,6 +45,12 @@ std::vector<MountEntry> envelopefs_mounts() {
   return out;
 }
 
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  auto a = std::filesystem::absolute(path, ec);
+  return ec ? path : a.lexically_normal().string();
+}
+
 std::string resolve_path(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;

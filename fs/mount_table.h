@@ -22,6 +22,10 @@ struct MountEntry {
 };
 std::vector<MountEntry> envelopefs_mounts();
 
+// `path` made absolute and normalised, symlinks left as they are: how a mount names its cipher
+// dir (the fsname `envelopefs_mounts` reads back as `source`).
+std::string absolute_path(const std::string& path);
+
 // `path` made absolute with its symlinks resolved, as the mount table names mountpoints. A
 // dead mount cannot be looked at (ENOTCONN), so then only the directories leading to it are
 // resolved.

@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <thread>
 
 #include "fs/log.h"
@@ -62,9 +61,8 @@ Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only) {
   const bool by_reader = fcntl(fd, F_OFD_GETLK, &held) == 0 && held.l_type == F_RDLCK;
   close(fd);
   if (err != EAGAIN && err != EACCES) return Status::Io(err, "lock " + path);
-  // A mount names its cipher dir as an absolute path (fs/mount.cc); the caller's may be relative.
-  std::error_code ec;
-  const std::string source = std::filesystem::absolute(cipher_dir, ec).lexically_normal().string();
+  // The caller's cipher dir may be relative; a mount names it as absolute_path() makes it.
+  const std::string source = absolute_path(cipher_dir);
   std::string where;
   for (const MountEntry& m : envelopefs_mounts()) {
     if (m.source == source) where += (where.empty() ? " on " : ", ") + m.target;
