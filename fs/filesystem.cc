@@ -852,8 +852,10 @@ Result<Bytes> Filesystem::getxattr(uint64_t ino, const char* name) {
   // This is also the answer to the kernel's question before the first write to each file
   // ("any security.capability to strip?", fs/fuse_channel.h), without touching the disk.
   const bool acl = posix_acls_ && acl_xattr(name);
-  std::string stored = name;  // an ACL is stored under its own name, in the clear
-  if (!acl) {
+  std::string stored;
+  if (acl) {
+    stored = name;  // an ACL is stored under its own name, in the clear
+  } else {
     if (unknown_xattr_namespace(name)) return Status::Io(EOPNOTSUPP, "getxattr");
     if (unsupported_xattr(name)) return Status::Io(ENODATA, "getxattr");
     auto enc = encrypt_xattr_name(*keys_, name);
