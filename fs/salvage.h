@@ -24,7 +24,7 @@ struct SalvageReport {
   std::vector<uint64_t> pages_replaced;   // not pages at all: replaced by pages of holes
   std::vector<uint64_t> blocks_given_up;  // holes now: they read as zeros
   bool emptied = false;                   // shorter than its header: now an empty file
-  uint64_t still_failing = 0;             // blocks that still do not read afterwards
+  uint64_t still_failing = 0;             // blocks that failed otherwise, left as they are
   bool changed() const {
     return emptied || !pages_resealed.empty() || !pages_replaced.empty() || !blocks_given_up.empty();
   }
@@ -33,7 +33,8 @@ struct SalvageReport {
 // `fd`: the backing file, open read-write, which nothing else uses meanwhile (an unmounted
 // volume, under its lock). Only authentication failures are given up: a block that fails to
 // read for any other reason (an I/O error, a DEK the volume no longer has) is left as it is
-// and counted in still_failing. Changes reach the disk (fdatasync) before this returns.
+// and counted in still_failing. Changes reach the disk (fdatasync) before this returns. The
+// file is not read again afterwards: `fsck --repair` checks the whole volume again.
 Result<SalvageReport> salvage_file(int fd, VolumeKeys& keys, IoBackend& io);
 
 }  // namespace envelopefs
