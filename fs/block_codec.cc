@@ -56,6 +56,40 @@ Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Sl
   return st;
 }
 
+Status open_cut_growth(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& grown,
+                       const Slot& before, ByteView ciphertext, uint8_t* plaintext,
+                       uint8_t* before_cipher) {
+  const size_t n = ciphertext.size();
+  uint8_t* key = scratch_key();
+  auto unwrap = [&](const Slot& slot) {
+    Dek* dek = keys.dek(slot.dek_version);
+    if (dek == nullptr) {
+      return Status(Code::kAuthFailed, "block names unknown DEK version " + std::to_string(slot.dek_version));
+    }
+    return dek->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
+  };
+  uint8_t tag[kGcmTagSize];
+  // Sealing under grown's key applies its keystream: the ciphertext comes back as plaintext.
+  // Neither that tag nor the result leaves this function unless before's tag vouches for it.
+  Status st = unwrap(grown);
+  if (st.ok()) st = gcm_seal({key, kGcmKeySize}, kZeroIv, {}, ciphertext, plaintext, tag);
+  OPENSSL_cleanse(key, kGcmKeySize);
+  if (st.ok()) st = unwrap(before);
+  if (st.ok()) {
+    BlockAad aad = block_aad(keys.volume_id(), file, index, keys.block_aad_version(before.dek_version));
+    st = gcm_seal({key, kGcmKeySize}, kZeroIv, aad, {plaintext, n}, before_cipher, tag);
+  }
+  OPENSSL_cleanse(key, kGcmKeySize);
+  if (st.ok() && CRYPTO_memcmp(tag, before.tag.data(), kGcmTagSize) != 0) {
+    st = Status(Code::kAuthFailed, "block does not authenticate");
+  }
+  if (!st.ok()) {
+    OPENSSL_cleanse(plaintext, n);
+    OPENSSL_cleanse(before_cipher, n);
+  }
+  return st;
+}
+
 namespace {
 
 // Locked scratch for a batch of block keys.

@@ -24,6 +24,19 @@ Status seal_block(VolumeKeys& keys, const FileId& file, uint64_t index, ByteView
 Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& slot,
                   ByteView ciphertext, uint8_t* plaintext);
 
+// A short last block whose growth in place reached the disk while the file's new length did
+// not (fs/FORMAT.md, "Growing"): `ciphertext` is the first `len` bytes of what slot `grown`
+// sealed at a greater length, and slot `before` sealed the block at `len`. GCM's ciphertext is
+// the plaintext XOR a keystream of the key alone (the IV is zero), so grown's keystream gives
+// back the plaintext grown sealed, as far as it reaches; it is accepted only if sealing it
+// again under before's key reproduces before's tag, which only before's own plaintext does.
+// A growth leaves the bytes before the old end as they were, unless the write that made it
+// also changed them. Fills `plaintext` and, in `before_cipher`, the ciphertext that `before`
+// describes (to be put back before either slot is replaced). kAuthFailed otherwise.
+Status open_cut_growth(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& grown,
+                       const Slot& before, ByteView ciphertext, uint8_t* plaintext,
+                       uint8_t* before_cipher);
+
 // Batched forms for multi-block requests: block keys are drawn, wrapped and unwrapped many at
 // a time (KeyWrapper::wrap32_many), which is what makes large requests cheap.
 // Seals blocks [first, first+count), back to back in `plain` (each block_size long but the

@@ -190,23 +190,41 @@ Status CipherFile::read_block(uint64_t index, uint32_t len, uint8_t* out, int* c
       return st;
     }
   }
-  *current = open_as_grown_tail(index, len, slots, out);
-  return *current >= 0 ? Status::Ok() : fail(index, st);
+  std::vector<uint8_t> put_back;
+  *current = open_interrupted_growth(index, len, slots, out, &put_back);
+  if (*current < 0) return fail(index, st);
+  if (!put_back.empty()) {
+    // The data area holds the other slot's ciphertext, which only that slot's key makes
+    // sense of: whichever slot the caller's write replaces, a crash between its page and its
+    // data would leave neither. So the ciphertext of the slot that matches goes back first,
+    // durably.
+    IoRequest back{fd_, put_back.data(), len, layout_.data_offset(index), true, 0};
+    st = io_.run({&back, 1});
+    if (st.ok() && back.done != len) st = Status::Io(EIO, "short write putting a block back");
+    if (st.ok()) st = io_.sync(fd_, true);
+    if (!st.ok()) {
+      std::memset(out, 0, len);
+      return fail(index, st);
+    }
+  }
+  return Status::Ok();
 }
 
-int CipherFile::open_as_grown_tail(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out) {
-  // Bytes past a file's end read as zeros once the end moves (POSIX), so the short ciphertext
-  // ends at or after the last non-zero byte: 16 more lengths cover the chance (2^-128) that
-  // it ended in zeros of its own. Only a message sealed at that length under the slot's
-  // one-time key authenticates, so this accepts nothing that was not written so.
-  constexpr uint32_t kTrailingZerosTried = 16;
+int CipherFile::open_interrupted_growth(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out,
+                                        std::vector<uint8_t>* put_back) {
   thread_local std::vector<uint8_t> cipher;
   cipher.resize(len);
   IoRequest req{fd_, cipher.data(), len, layout_.data_offset(index), false, 0};
   if (!io_.run({&req, 1}).ok() || req.done != len) return -1;
+  const int newer = newer_slot(slots[0], slots[1]);
+  // The length landed, the data did not. Bytes past a file's end read as zeros once the end
+  // moves (POSIX), so the short ciphertext ends at or after the last non-zero byte: 16 more
+  // lengths cover the chance (2^-128) that it ended in zeros of its own. Only a message
+  // sealed at that length under the slot's one-time key authenticates, so this accepts
+  // nothing that was not written so.
+  constexpr uint32_t kTrailingZerosTried = 16;
   uint32_t n = len;
   while (n > 0 && cipher[n - 1] == 0) --n;
-  const int newer = newer_slot(slots[0], slots[1]);
   for (uint32_t s = std::max<uint32_t>(n, 1); s < len && s <= n + kTrailingZerosTried; ++s) {
     for (int which : {newer, 1 - newer}) {
       if (slots[which].empty()) continue;
@@ -214,6 +232,20 @@ int CipherFile::open_as_grown_tail(uint64_t index, uint32_t len, const Slot slot
       std::memset(out + s, 0, len - s);
       return which;
     }
+  }
+  // The data landed, the length did not: the longer seal's ciphertext, cut at the old length
+  // (only a short block grows in place).
+  if (len >= layout_.block_size() || slots[0].empty() || slots[1].empty()) return -1;
+  thread_local std::vector<uint8_t> before_cipher;
+  before_cipher.resize(len);
+  for (int grown : {newer, 1 - newer}) {
+    const int before = 1 - grown;
+    if (!open_cut_growth(keys_, id_, index, slots[grown], slots[before], cipher, out,
+                         before_cipher.data()).ok()) {
+      continue;
+    }
+    if (put_back != nullptr) put_back->assign(before_cipher.begin(), before_cipher.end());
+    return before;
   }
   return -1;
 }
@@ -353,7 +385,9 @@ Result<size_t> CipherFile::read(uint64_t offset, MutByteView out) {
         ENVELOPEFS_RETURN_IF_ERROR(io_.run({&again, 1}));
         if (again.done == p.len) st = open_block(keys_, id_, p.index, p.slots[older], {p.dst, p.len}, p.dst);
       }
-      if (!st.ok() && open_as_grown_tail(p.index, p.len, p.slots, p.dst) >= 0) st = Status::Ok();
+      if (!st.ok() && open_interrupted_growth(p.index, p.len, p.slots, p.dst, nullptr) >= 0) {
+        st = Status::Ok();
+      }
       if (!st.ok()) return fail(p.index, st);
     }
     uint8_t* final_dst = out.data() + (p.index * bs + p.skip - offset);
@@ -614,7 +648,7 @@ Status CipherFile::resize_tail_block(uint64_t old_size, uint64_t new_size, Write
   if (new_len < old_len && !batch.data.empty() && batch.data.back().offset == layout_.data_offset(t)) {
     // Shrinking: the shorter ciphertext goes out with zeros over the rest of the block's old
     // length, in one write. Until the backing truncate lands, the block then reads at its old
-    // length as the shorter content followed by zeros (open_as_grown_tail), never as neither.
+    // length as the shorter content followed by zeros (open_interrupted_growth), never as neither.
     IoRequest& q = batch.data.back();
     batch.buffers.push_back(BufferPool::take(old_len));
     uint8_t* padded = batch.buffers.back().data();

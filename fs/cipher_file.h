@@ -11,6 +11,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "fs/block_codec.h"
 #include "fs/io_backend.h"
@@ -106,15 +107,19 @@ class CipherFile {
   Page* cache_page(uint64_t index, std::unique_ptr<Page> page);
   // Drops half of this file's clean pages when the process is over kPageBudget; cache_mu_ held.
   void evict_if_over_budget();
-  // Decrypts block `index` (whose stored length is `len`) into `out`. `current` receives the
-  // slot that authenticated (-1 for a hole).
+  // Decrypts block `index` (whose stored length is `len`) into `out`, for a writer: `current`
+  // receives the slot that matches the data on disk (-1 for a hole), which the write must not
+  // replace. A block found in the second state below is first put back as that slot sealed it.
   Status read_block(uint64_t index, uint32_t len, uint8_t* out, int* current);
   // Both slots of block `index` failed at its length `len`. The block may be a short last
-  // block whose growth had not landed when the daemon or the machine stopped, though the
-  // file's end had moved past it: its data area holds the short ciphertext and zeros behind
-  // it. Tries the slots at the lengths that fit that; returns the slot that authenticated
-  // (its plaintext, then zeros, in `out`) or -1.
-  int open_as_grown_tail(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out);
+  // block that a crash caught part way through its growth in place (fs/FORMAT.md, "Growing"):
+  // the file's new length landed and the data did not (the data area holds the short
+  // ciphertext and zeros behind it), or the data landed and the length did not (it holds the
+  // longer ciphertext, cut at the old length). Tries the slots in both states; returns the
+  // slot whose plaintext, as it stood before the growth, is now in `out` (then zeros to `len`),
+  // or -1. In the second state `put_back` (if given) receives that slot's own ciphertext.
+  int open_interrupted_growth(uint64_t index, uint32_t len, const Slot slots[2], uint8_t* out,
+                              std::vector<uint8_t>* put_back);
   // Seals blocks [first, first+count) from `plain` (back to back; the last one `last_len`
   // long) into `batch`: slots in dirty pages, ciphertext as data requests. `current[k]` is the
   // slot known to match block k's data (-1: unknown), which the new slot must not replace.

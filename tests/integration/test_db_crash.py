@@ -61,11 +61,11 @@ def acked_through_crash(test, writer, at_least, crash):
     return acked
 
 
-def check_sqlite_crash(test, vol, mode, sync, crash):
-    """Runs SQLITE_WRITER on `vol` until 300 transactions are acknowledged, calls `crash`,
-    mounts again, and checks the database: intact, no acknowledged transaction lost, none half
-    applied."""
-    db = vol.path(f"{mode}.db")
+def check_sqlite_crash(test, vol, mode, sync, crash, name=None):
+    """Runs SQLITE_WRITER on `vol` (a new database, `name` or MODE.db) until 300 transactions
+    are acknowledged, calls `crash`, mounts again, and checks the database: intact, no
+    acknowledged transaction lost, none half applied."""
+    db = vol.path(name or f"{mode}.db")
     child = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, mode, sync],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Journal files are created and removed by each transaction in DELETE mode.

@@ -8,7 +8,11 @@
 // more than asked), though always in order. SIGUSR2 cuts as ext4 may out of order: the same,
 // but a file that had grown from a length inside a 4 KiB block keeps its new length up to
 // the end of that block, reading zeros there (ext4 journals the length of a write into a
-// block it has allocated when the write is made, and writes the data back later).
+// block it has allocated when the write is made, and writes the data back later). SIGRTMIN
+// cuts the other way round, as a filesystem that writes a file's data back before its inode
+// may (ext4 without a journal; with one, a writeback between a write and the commit of its
+// length): a file keeps every change made within the length it had at its last fsync, and
+// goes back to that length; one that is shorter now than then loses everything, as on SIGUSR1.
 // Test tool only; not part of envelopefs.
 //   cutfs BACKING MOUNTPOINT [fuse options]     (runs in the foreground)
 #define FUSE_USE_VERSION 312
@@ -94,7 +98,10 @@ int rm_entry(const char* p, const struct stat*, int type, struct FTW*) {
   return type == FTW_DP ? rmdir(p) : unlink(p);
 }
 
-void cut(bool ext4_tail) {
+enum class CutKind { kInOrder, kExt4Tail, kDataBeforeLength };
+
+void cut(CutKind kind) {
+  const bool ext4_tail = kind == CutKind::kExt4Tail;
   std::lock_guard lock(g_mu);
   std::vector<MetaOp> ops;
   for (auto& [ino, v] : g_dirs) ops.insert(ops.end(), v.begin(), v.end());
@@ -120,6 +127,12 @@ void cut(bool ext4_tail) {
     struct stat st;
     const bool sized = ext4_tail && log.fd >= 0 && fstat(log.fd, &st) == 0;
     const uint64_t grown_to = sized ? static_cast<uint64_t>(st.st_size) : 0;  // before the undo
+    if (kind == CutKind::kDataBeforeLength && !log.undo.empty() && log.fd >= 0 && fstat(log.fd, &st) == 0 &&
+        static_cast<uint64_t>(st.st_size) >= log.undo.front().old_size) {
+      (void)!ftruncate(log.fd, static_cast<off_t>(log.undo.front().old_size));
+      writes += log.undo.size();
+      log.undo.clear();
+    }
     for (auto it = log.undo.rbegin(); it != log.undo.rend(); ++it) {
       if (!it->old.empty()) (void)!pwrite(log.fd, it->old.data(), it->old.size(), static_cast<off_t>(it->off));
       (void)!ftruncate(log.fd, static_cast<off_t>(it->old_size));
@@ -149,9 +162,13 @@ void* signal_thread(void*) {
   sigemptyset(&set);
   sigaddset(&set, SIGUSR1);
   sigaddset(&set, SIGUSR2);
+  sigaddset(&set, SIGRTMIN);
   for (;;) {
     int sig;
-    if (sigwait(&set, &sig) == 0) cut(sig == SIGUSR2);
+    if (sigwait(&set, &sig) != 0) continue;
+    cut(sig == SIGUSR1   ? CutKind::kInOrder
+        : sig == SIGUSR2 ? CutKind::kExt4Tail
+                         : CutKind::kDataBeforeLength);
   }
   return nullptr;
 }
@@ -337,6 +354,7 @@ int main(int argc, char** argv) {
   sigemptyset(&set);
   sigaddset(&set, SIGUSR1);
   sigaddset(&set, SIGUSR2);
+  sigaddset(&set, SIGRTMIN);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   pthread_t t;
   pthread_create(&t, nullptr, signal_thread, nullptr);
