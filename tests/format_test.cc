@@ -631,6 +631,14 @@ TEST(TwoSlots, AGrowthStoppedAtAnyWriteLeavesEveryBlockOldOrNew) {
   }
 }
 
+// A new file of three 4 KiB blocks and `tail` bytes of random data: its last block is short.
+Bytes write_short_tailed(Fixture& fx, const std::string& name, std::mt19937_64& rng, uint64_t tail) {
+  Bytes data = random_bytes(rng, 3 * 4096 + tail);
+  auto f = fx.create(name);
+  EXPECT_TRUE(f->write(0, data).ok());
+  return data;
+}
+
 // The same growth through a power cut: the backing filesystem may keep the file's new length
 // and not the short block's new data (ext4 journals the length of a write into a block it has
 // allocated at once, and writes the data back later). The block then holds its short
@@ -641,11 +649,7 @@ TEST(TwoSlots, AShortLastBlockWhoseGrowthDidNotLandReadsAsItWasThenZeros) {
   std::mt19937_64 rng(10);
   const uint64_t bs = 4096;
   for (uint64_t tail : {1, 1000, 4095}) {
-    const Bytes old_data = random_bytes(rng, 3 * bs + tail);
-    {
-      auto f = fx.create("t");
-      ASSERT_TRUE(f->write(0, old_data).ok());
-    }
+    const Bytes old_data = write_short_tailed(fx, "t", rng, tail);
     for (uint64_t grown : {3 * bs + tail + 1, 4 * bs, 6 * bs + 10}) {
       if (grown <= old_data.size()) continue;
       SCOPED_TRACE("tail " + std::to_string(tail) + " grown to " + std::to_string(grown));
@@ -684,11 +688,7 @@ TEST(TwoSlots, AShortLastBlockWhoseGrowthLandedButNotItsLengthReadsAsItWas) {
   std::mt19937_64 rng(11);
   const uint64_t bs = 4096;
   for (uint64_t tail : {1, 1000, 4095}) {
-    const Bytes old_data = random_bytes(rng, 3 * bs + tail);
-    {
-      auto f = fx.create("t");
-      ASSERT_TRUE(f->write(0, old_data).ok());
-    }
+    const Bytes old_data = write_short_tailed(fx, "t", rng, tail);
     const uint64_t backing_size = kMetaPageSize + old_data.size();  // group 0: its page, then data
     enum class Growth { kAppend, kAppendToBlockEnd, kAppendPastBlock, kTruncateUp };
     for (Growth how :
