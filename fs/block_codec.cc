@@ -21,6 +21,15 @@ uint8_t* scratch_key() {
   return scratch.data();
 }
 
+// Unwraps `slot`'s block key into `key` (kGcmKeySize bytes) under the DEK version it names.
+Status unwrap_block_key(VolumeKeys& keys, const Slot& slot, uint8_t* key) {
+  Dek* dek = keys.dek(slot.dek_version);
+  if (dek == nullptr) {
+    return Status(Code::kAuthFailed, "block names unknown DEK version " + std::to_string(slot.dek_version));
+  }
+  return dek->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
+}
+
 }  // namespace
 
 BlockAad block_aad(const VolumeId& volume, const FileId& file, uint64_t index, uint32_t dek_version) {
@@ -42,12 +51,8 @@ Status seal_block(VolumeKeys& keys, const FileId& file, uint64_t index, ByteView
 
 Status open_block(VolumeKeys& keys, const FileId& file, uint64_t index, const Slot& slot,
                   ByteView ciphertext, uint8_t* plaintext) {
-  Dek* dek = keys.dek(slot.dek_version);
-  if (dek == nullptr) {
-    return Status(Code::kAuthFailed, "block names unknown DEK version " + std::to_string(slot.dek_version));
-  }
   uint8_t* key = scratch_key();
-  Status st = dek->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
+  Status st = unwrap_block_key(keys, slot, key);
   if (st.ok()) {
     BlockAad aad = block_aad(keys.volume_id(), file, index, keys.block_aad_version(slot.dek_version));
     st = gcm_open({key, kGcmKeySize}, kZeroIv, aad, ciphertext, slot.tag, plaintext);
@@ -61,20 +66,13 @@ Status open_cut_growth(VolumeKeys& keys, const FileId& file, uint64_t index, con
                        uint8_t* before_cipher) {
   const size_t n = ciphertext.size();
   uint8_t* key = scratch_key();
-  auto unwrap = [&](const Slot& slot) {
-    Dek* dek = keys.dek(slot.dek_version);
-    if (dek == nullptr) {
-      return Status(Code::kAuthFailed, "block names unknown DEK version " + std::to_string(slot.dek_version));
-    }
-    return dek->wrapper.unwrap(slot.wrapped_key, {key, kGcmKeySize});
-  };
   uint8_t tag[kGcmTagSize];
   // Sealing under grown's key applies its keystream: the ciphertext comes back as plaintext.
   // Neither that tag nor the result leaves this function unless before's tag vouches for it.
-  Status st = unwrap(grown);
+  Status st = unwrap_block_key(keys, grown, key);
   if (st.ok()) st = gcm_seal({key, kGcmKeySize}, kZeroIv, {}, ciphertext, plaintext, tag);
   OPENSSL_cleanse(key, kGcmKeySize);
-  if (st.ok()) st = unwrap(before);
+  if (st.ok()) st = unwrap_block_key(keys, before, key);
   if (st.ok()) {
     BlockAad aad = block_aad(keys.volume_id(), file, index, keys.block_aad_version(before.dek_version));
     st = gcm_seal({key, kGcmKeySize}, kZeroIv, aad, {plaintext, n}, before_cipher, tag);
