@@ -249,6 +249,25 @@ def write_file(path, data, fsync=False):
             os.fsync(f.fileno())
 
 
+# A backing file of a 4 KiB-block volume: groups of one metadata page and 31 data blocks
+# (fs/FORMAT.md).
+GROUP_BYTES = 4096 + 31 * 4096
+
+
+def data_offset(block):
+    """Where data block `block` of a 4 KiB-block volume's file starts in its backing file."""
+    return (block // 31) * GROUP_BYTES + 4096 + (block % 31) * 4096
+
+
+def flip_bits(path, offset, mask):
+    """XORs the byte at `offset` of `path` with `mask`, in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def renameat2(old, new, flags):
     AT_FDCWD = -100
     rc = libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), ctypes.c_uint(flags))

@@ -16,7 +16,7 @@ import threading
 import time
 import unittest
 
-from common import BIN, Volume, main, read_file, run, wait_for, write_file
+from common import BIN, Volume, flip_bits, main, read_file, run, wait_for, write_file
 
 BS = 4096
 GROUP = 4096 + 31 * BS
@@ -422,11 +422,7 @@ class DekRotationTest(unittest.TestCase):
         self.vol.unmount()
         damaged, intact = sorted(self.vol.backing_files())
         self.rotate()
-        with open(damaged, "r+b") as f:  # one byte of a slot in its header page: the MAC fails
-            f.seek(200)
-            byte = f.read(1)
-            f.seek(200)
-            f.write(bytes([byte[0] ^ 1]))
+        flip_bits(damaged, 200, 1)  # one byte of a slot in its header page: the MAC fails
         before = read_file(damaged)
         self.vol.mount()
         self.assertTrue(wait_for(lambda: "incomplete" in self.vol.log_text()), self.vol.log_text())

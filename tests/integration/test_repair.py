@@ -9,7 +9,8 @@ import sqlite3
 import subprocess
 import sys
 
-from common import BIN, VolumeTest, main, rand_bytes, read_file, run, write_file
+from common import (BIN, GROUP_BYTES, VolumeTest, data_offset, flip_bits, main, rand_bytes, read_file, run,
+                    write_file)
 
 BS = 4096
 
@@ -35,12 +36,7 @@ class Repair(VolumeTest):
         ino = ino_of(f)
         self.vol.unmount()
         backing = self.backing_of(ino)
-        with open(backing, "r+b") as fh:
-            at = 4096 + BS + 100  # page 0, block 0, then block 1
-            fh.seek(at)
-            byte = fh.read(1)
-            fh.seek(at)
-            fh.write(bytes([byte[0] ^ 0x08]))
+        flip_bits(backing, data_offset(1) + 100, 0x08)
         self.vol.mount()
         with self.assertRaises(OSError) as cm:
             read_file(f)
@@ -86,13 +82,8 @@ sys.stdin.read()
         self.vol.unmount()
         wal = self.backing_of(wal_ino)
         # A bit flipped in a data block about half way through the WAL.
-        block = (os.path.getsize(wal) // (4096 + 31 * BS)) * 31 // 2
-        off = (block // 31) * (4096 + 31 * BS) + 4096 + (block % 31) * BS + 100
-        with open(wal, "r+b") as fh:
-            fh.seek(off)
-            c = fh.read(1)
-            fh.seek(off)
-            fh.write(bytes([c[0] ^ 1]))
+        block = (os.path.getsize(wal) // GROUP_BYTES) * 31 // 2
+        flip_bits(wal, data_offset(block) + 100, 1)
 
         self.vol.mount()
         c = sqlite3.connect(db)

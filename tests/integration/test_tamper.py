@@ -4,14 +4,10 @@ the damage."""
 import errno
 import os
 
-from common import BIN, Volume, VolumeTest, main, rand_bytes, read_file, run, write_file
+from common import (BIN, GROUP_BYTES, Volume, VolumeTest, data_offset, flip_bits, main, rand_bytes, read_file,
+                    run, write_file)
 
 BS = 4096
-GROUP = 4096 + 31 * BS  # one metadata page and 31 data blocks
-
-
-def data_offset(block):
-    return (block // 31) * GROUP + 4096 + (block % 31) * BS
 
 
 class Tamper(VolumeTest):
@@ -51,10 +47,7 @@ class Tamper(VolumeTest):
         self.assertIn(f"/a: block {block}", r.stdout)
 
     def test_bit_flip_in_data_block(self):
-        with open(self.back_a, "rb") as f:
-            f.seek(data_offset(5) + 100)
-            c = f.read(1)
-        self.patch(self.back_a, data_offset(5) + 100, bytes([c[0] ^ 0x10]))
+        flip_bits(self.back_a, data_offset(5) + 100, 0x10)
         self.vol.mount()
         self.assert_eio(5)
         self.assertEqual(self.read_block(4), self.a[4 * BS:5 * BS])  # neighbours are fine
@@ -89,7 +82,7 @@ class Tamper(VolumeTest):
         self.assertEqual(self.read_block(0), self.a[:BS])
 
     def test_zeroed_metadata_page_is_not_a_hole(self):
-        self.patch(self.back_a, GROUP, bytes(4096))  # the second metadata page
+        self.patch(self.back_a, GROUP_BYTES, bytes(4096))  # the second metadata page
         self.vol.mount()
         self.assert_eio(33)
         self.assertEqual(self.read_block(0), self.a[:BS])
