@@ -202,10 +202,9 @@ class PowerLoss(unittest.TestCase):
         with its 4120-byte frames), an fdatasync now and then, through daemon kills and power
         cuts (as cutfs makes them, and as ext4 may: the length kept past a short last block
         whose new data was lost, or that block's new data kept without the length): every file
-        reads without EIO, holds what was fdatasynced, and
-        past that only what was written or zeros. Found killing the daemon under SQLite: a page
-        of the next group, written first, made a short last block full length before its data
-        had landed."""
+        reads without EIO, holds what was fdatasynced, and past that only what was written or
+        zeros. Found killing the daemon under SQLite: a page of the next group, written first,
+        made a short last block full length before its data had landed."""
         rng = random.Random(5)
         names = ["log0", "log1"]
         written = {n: b"" for n in names}  # what each file holds if every write landed

@@ -101,7 +101,6 @@ int rm_entry(const char* p, const struct stat*, int type, struct FTW*) {
 enum class CutKind { kInOrder, kExt4Tail, kDataBeforeLength };
 
 void cut(CutKind kind) {
-  const bool ext4_tail = kind == CutKind::kExt4Tail;
   std::lock_guard lock(g_mu);
   std::vector<MetaOp> ops;
   for (auto& [ino, v] : g_dirs) ops.insert(ops.end(), v.begin(), v.end());
@@ -125,11 +124,11 @@ void cut(CutKind kind) {
   size_t writes = 0;
   for (auto& [ino, log] : g_files) {
     struct stat st;
-    const bool sized = ext4_tail && log.fd >= 0 && fstat(log.fd, &st) == 0;
-    const uint64_t grown_to = sized ? static_cast<uint64_t>(st.st_size) : 0;  // before the undo
-    if (kind == CutKind::kDataBeforeLength && !log.undo.empty() && log.fd >= 0 && fstat(log.fd, &st) == 0 &&
-        static_cast<uint64_t>(st.st_size) >= log.undo.front().old_size) {
-      (void)!ftruncate(log.fd, static_cast<off_t>(log.undo.front().old_size));
+    const bool sized = log.fd >= 0 && fstat(log.fd, &st) == 0;
+    const uint64_t size_now = sized ? static_cast<uint64_t>(st.st_size) : 0;  // before the undo
+    const uint64_t synced = log.undo.empty() ? 0 : log.undo.front().old_size;
+    if (kind == CutKind::kDataBeforeLength && sized && !log.undo.empty() && size_now >= synced) {
+      (void)!ftruncate(log.fd, static_cast<off_t>(synced));
       writes += log.undo.size();
       log.undo.clear();
     }
@@ -138,10 +137,9 @@ void cut(CutKind kind) {
       (void)!ftruncate(log.fd, static_cast<off_t>(it->old_size));
       ++writes;
     }
-    if (ext4_tail && !log.undo.empty()) {
-      const uint64_t synced = log.undo.front().old_size;
+    if (kind == CutKind::kExt4Tail && sized && !log.undo.empty()) {
       const uint64_t block_end = (synced + 4095) / 4096 * 4096;
-      if (grown_to > synced) (void)!ftruncate(log.fd, static_cast<off_t>(std::min(grown_to, block_end)));
+      if (size_now > synced) (void)!ftruncate(log.fd, static_cast<off_t>(std::min(size_now, block_end)));
     }
     if (log.fd >= 0) {
       fsync(log.fd);
