@@ -305,6 +305,7 @@ void split_options(const std::string& opts, MountOptions* mo) {
     else if (o == "direct_backing") mo->fs.direct_backing = true;
     else if (o == "acl") mo->fs.posix_acls = true;
     else if (o == "allow_other") mo->allow_other = true;
+    else if (o == "nonempty") mo->nonempty = true;
     else if (o.rfind("key_check_interval=", 0) == 0) mo->key_check_interval = number_or_invalid(o.substr(19), kMaxCheckInterval);
     else if (o.rfind("key_unreachable_grace=", 0) == 0) mo->key_unreachable_grace = number_or_invalid(o.substr(22), kMaxUnreachableGrace);
     else if (o.rfind("rewrap_rate=", 0) == 0) mo->rewrap_rate = number_or_invalid(o.substr(12), kMaxRewrapRate);
@@ -354,10 +355,14 @@ int main(int argc, char** argv) {
   auto* mount = app.add_subcommand("mount", "mount a volume; returns once the mount is ready");
   mount->add_flag("-f,--foreground", mo.foreground, "stay in the foreground (log to stderr)");
   mount->add_flag("--allow-other", mo.allow_other, "let other users (e.g. postgres) use the mount");
+  mount->add_flag("--nonempty", mo.nonempty,
+                  "mount over a directory that has entries (they are plaintext, and hidden while\n"
+                  "mounted); without it such a mountpoint is refused");
   mount->add_option("-o", opts, "mount options, comma-separated: FUSE/kernel options (ro, noatime,\n"
                                 "allow_other, ...) and envelopefs ones: passfile=F, log_file=F,\n"
-                                "no_uring, no_writeback, direct_backing, acl, fuse_transport=T,\n"
-                                "key_check_interval=N, key_unreachable_grace=N, rewrap_rate=N");
+                                "nonempty, no_uring, no_writeback, direct_backing, acl,\n"
+                                "fuse_transport=T, key_check_interval=N, key_unreachable_grace=N,\n"
+                                "rewrap_rate=N");
   mount->add_option("--passfile", mo.provider.passfile, "pass: passphrase / pkcs11: PIN file (first line)");
   mount->add_option("--log-file", mo.log_file, "append the daemon's log here (default: syslog)");
   mount->add_flag("--no-uring", [&](int64_t) { mo.use_uring = false; }, "--direct-backing I/O with pread/pwrite instead of io_uring");
@@ -393,7 +398,7 @@ int main(int argc, char** argv) {
                     "(one page describes 31 blocks; default 0: as fast as the disk allows)")
       ->check(CLI::Range(0, kMaxRewrapRate));
   mount->add_option("CIPHERDIR", mo.cipher_dir, "the volume")->required();
-  mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing directory")->required();
+  mount->add_option("MOUNTPOINT", mo.mountpoint, "an existing, empty directory (see --nonempty)")->required();
 
   auto* unmount = app.add_subcommand("unmount", "unmount a mounted volume (keys are zeroized)");
   unmount->alias("umount");

@@ -1,5 +1,6 @@
 #include "fs/mount.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -130,6 +131,32 @@ Status check_mountpoint(const std::string& mountpoint, const std::string& cipher
                 ENOTCONN);
 }
 
+// Entries in the directory a mount would cover were not written through the volume: they are
+// plaintext, and the mount would hide them (a service that wrote there while the volume was
+// not mounted, and a mount that then hid its files, is how data seems lost). So a mountpoint
+// with entries is refused unless the caller asks for it (--nonempty).
+Status check_mountpoint_empty(const std::string& mountpoint) {
+  DIR* d = opendir(mountpoint.c_str());
+  if (d == nullptr) return Status::Io(errno, "mountpoint " + mountpoint);
+  size_t entries = 0;
+  constexpr size_t kEnough = 1000;  // counted up to this many: the message says "or more"
+  while (entries < kEnough) {
+    const dirent* e = readdir(d);
+    if (e == nullptr) break;
+    if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) ++entries;
+  }
+  closedir(d);
+  if (entries == 0) return Status::Ok();
+  const std::string count = std::to_string(entries) + (entries == kEnough ? " or more entries" :
+                                                       entries == 1 ? " entry" : " entries");
+  return Status(Code::kInvalidArgument,
+                "mountpoint " + mountpoint + " is not empty (" + count +
+                    "): what is there was not written through envelopefs, so it is not encrypted, and "
+                    "the mount would hide it; move it away (into the volume once it is mounted, to "
+                    "encrypt it), or mount with --nonempty (-o nonempty) to cover it anyway",
+                ENOTEMPTY);
+}
+
 // The mountpoint was looked at before (check_mountpoint), so a failed FUSE mount is /dev/fuse
 // or the kernel's refusal; libfuse has printed its own line already, in the foreground.
 std::string why_fuse_mount_failed() {
@@ -215,6 +242,12 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   auto locked = lock_volume(cipher, o.read_only);
   if (!locked.ok()) return fail(ready, o.foreground, "cannot mount: " + locked.status().message());
   VolumeLock volume_lock = std::move(locked).value();
+  // After the lock: a second mount of a mounted volume is refused for that, which says more.
+  if (!replace_dead_mount && !o.nonempty) {
+    if (Status st = check_mountpoint_empty(mountpoint); !st.ok()) {
+      return fail(ready, o.foreground, "cannot mount: " + st.message());
+    }
+  }
   auto volume = open_volume(cipher, o.provider);
   if (!volume.ok()) {
     audit_from_daemon(audit_failure("mount", cipher, volume.status()));

@@ -14,6 +14,8 @@ struct MountOptions {
   std::string mountpoint;
   bool foreground = false;
   bool allow_other = false;
+  // Mount over a directory that has entries (they are hidden while mounted); refused otherwise.
+  bool nonempty = false;
   bool use_uring = true;
   std::string fuse_options;  // extra -o options for libfuse and the kernel
   bool read_only = false;    // -o ro (also in fuse_options): the daemon writes nothing of its own

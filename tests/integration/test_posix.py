@@ -1103,6 +1103,29 @@ class ErrorsAndCli(VolumeTest):
         self.vol.mount()  # beside it, as always
         write_file(self.vol.path("f"), b"still mounts")
 
+    def test_a_mountpoint_with_files_in_it_is_refused_unless_asked_for(self):
+        """Files in the directory beneath were written while the volume was not mounted: they are
+        plaintext, and a mount would hide them. Refused, unless --nonempty (-o nonempty)."""
+        write_file(self.vol.path("inside"), b"in the volume")
+        # A second mount of the mounted volume still says that, not that the mountpoint has files.
+        r = run([BIN, "mount", self.vol.cipher, self.vol.mnt], check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("is mounted already", r.stderr)
+        self.vol.unmount()
+        write_file(os.path.join(self.vol.mnt, "beneath"), b"plaintext")
+        r = run([BIN, "mount", "--log-file", self.vol.log, self.vol.cipher, self.vol.mnt], check=False)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn(f"mountpoint {self.vol.mnt} is not empty (1 entry)", r.stderr)
+        self.assertIn("--nonempty", r.stderr)
+        self.assertFalse(is_mounted(self.vol.mnt))
+        self.assertEqual(os.listdir(self.vol.mnt), ["beneath"])
+        for asked in (["--nonempty"], ["-o", "nonempty"]):
+            self.vol.mount(*asked)
+            self.assertEqual(os.listdir(self.vol.mnt), ["inside"])
+            self.assertEqual(read_file(self.vol.path("inside")), b"in the volume")
+            self.vol.unmount()
+            self.assertEqual(read_file(os.path.join(self.vol.mnt, "beneath")), b"plaintext")
+
     def test_a_relative_mountpoint_is_logged_and_audited_as_the_absolute_path(self):
         # The daemon changes to / once in the background: names resolved after that would be
         # wrong ("from /mnt" for a mount of ./mnt).
