@@ -80,8 +80,13 @@ std::string volume_mounted_at(const std::string& target) {
 
 Status unmount_path(const std::string& path, bool detach) {
   if (geteuid() == 0) {
-    if (umount2(path.c_str(), detach ? MNT_DETACH : 0) != 0)
+    if (umount2(path.c_str(), detach ? MNT_DETACH : 0) != 0) {
+      // umount2 says EINVAL for a directory that nothing is mounted on: say that instead.
+      if (errno == EINVAL) {
+        return Status(Code::kInvalidArgument, "cannot unmount " + path + ": nothing is mounted there", EINVAL);
+      }
       return Status::Io(errno, "cannot unmount " + path);
+    }
     return Status::Ok();
   }
   pid_t pid = fork();

@@ -1126,6 +1126,12 @@ class ErrorsAndCli(VolumeTest):
             self.vol.unmount()
             self.assertEqual(read_file(os.path.join(self.vol.mnt, "beneath")), b"plaintext")
 
+    def test_unmount_of_a_directory_nothing_is_mounted_on_says_so(self):
+        self.vol.unmount()
+        r = run([BIN, "unmount", self.vol.mnt], check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"cannot unmount {self.vol.mnt}: nothing is mounted there", r.stderr)
+
     def test_a_relative_mountpoint_is_logged_and_audited_as_the_absolute_path(self):
         # The daemon changes to / once in the background: names resolved after that would be
         # wrong ("from /mnt" for a mount of ./mnt).
