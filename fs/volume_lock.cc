@@ -11,6 +11,7 @@
 
 #include "fs/log.h"
 #include "fs/mount_table.h"
+#include "keyhierarchy/volume_config.h"
 
 namespace envelopefs {
 
@@ -41,9 +42,14 @@ Result<VolumeLock> lock_volume(const std::string& cipher_dir, bool read_only) {
   // it existed is mounted read-only without a lock, and a read-write mount beside it is not
   // refused. The read-only one may then read the other's changes as damage (EIO) or miss new
   // names, but it writes nothing that could hurt the volume.
-  int fd = read_only ? open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-                     : open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd < 0 && read_only && errno == ENOENT) return VolumeLock();
+  int fd = open(path.c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0 && errno == ENOENT) {
+    // Only a volume gets the lock file it lacks: a mount of a directory that is not one (a
+    // mistyped path) writes nothing into it.
+    if (Status st = require_config(cipher_dir); !st.ok()) return st;
+    if (read_only) return VolumeLock();
+    fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  }
   if (fd < 0) return Status::Io(errno, "open " + path);
   // A daemon killed a moment ago may still be exiting, its files (and the lock) not yet
   // closed: a crash test or a script remounting right after `kill -9` waits for that a little,

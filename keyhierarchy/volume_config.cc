@@ -128,11 +128,26 @@ Result<VolumeConfig> VolumeConfig::parse(std::string_view text) {
   return c;
 }
 
+namespace {
+Status no_volume(const std::string& cipher_dir) {
+  return Status(Code::kNotFound,
+                "no envelopefs volume in " + cipher_dir + " (missing " + kConfigFileName + ")");
+}
+}  // namespace
+
+Status require_config(const std::string& cipher_dir) {
+  struct stat st {};
+  const std::string path = cipher_dir + "/" + kConfigFileName;
+  if (stat(path.c_str(), &st) == 0) return Status::Ok();
+  if (errno == ENOENT || errno == ENOTDIR) return no_volume(cipher_dir);
+  return Status::Io(errno, "cannot stat " + path);
+}
+
 Result<VolumeConfig> load_config(const std::string& cipher_dir) {
   std::string path = cipher_dir + "/" + kConfigFileName;
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    if (errno == ENOENT) return Status(Code::kNotFound, "no envelopefs volume in " + cipher_dir + " (missing " + kConfigFileName + ")");
+    if (errno == ENOENT) return no_volume(cipher_dir);
     return Status::Io(errno, "cannot open " + path);
   }
   std::string text(kMaxConfigSize + 1, '\0');

@@ -66,6 +66,9 @@ Status validate_block_size(uint64_t block_size);
 
 // Reads CIPHERDIR/envelopefs.conf. kNotFound if there is no volume there.
 Result<VolumeConfig> load_config(const std::string& cipher_dir);
+// Ok if CIPHERDIR holds a config (not read), else load_config's kNotFound: for a step that
+// would otherwise write into a directory that is not a volume.
+Status require_config(const std::string& cipher_dir);
 // Atomic replace: temp file, fsync, rename, fsync of the directory (replace_file).
 Status save_config(const std::string& cipher_dir, const VolumeConfig& config);
 // Replaces `dir`/`name` with `text`, atomically and durably: `name`.tmp written and fsynced,

@@ -1126,6 +1126,21 @@ class ErrorsAndCli(VolumeTest):
             self.vol.unmount()
             self.assertEqual(read_file(os.path.join(self.vol.mnt, "beneath")), b"plaintext")
 
+    def test_a_mount_or_repair_of_a_directory_that_is_not_a_volume_writes_nothing_into_it(self):
+        # A mistyped cipher dir: the mount's volume lock file was created there before the
+        # missing config was noticed.
+        notvol = os.path.join(self.vol.root, "notvol")
+        os.mkdir(notvol)
+        elsewhere = os.path.join(self.vol.root, "elsewhere")
+        os.mkdir(elsewhere)
+        for cmd in (["mount", notvol, elsewhere], ["mount", "-o", "ro", notvol, elsewhere],
+                    ["fsck", "--repair", notvol]):
+            r = run([BIN, *cmd], check=False)
+            self.assertNotEqual(r.returncode, 0, cmd)
+            self.assertIn(f"no envelopefs volume in {notvol} (missing envelopefs.conf)", r.stderr)
+            self.assertEqual(os.listdir(notvol), [], cmd)
+            self.assertFalse(is_mounted(elsewhere))
+
     def test_unmount_of_a_directory_nothing_is_mounted_on_says_so(self):
         self.vol.unmount()
         r = run([BIN, "unmount", self.vol.mnt], check=False)
