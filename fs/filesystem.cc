@@ -285,6 +285,15 @@ Status Filesystem::getattr(uint64_t ino, struct stat* out) {
   return stat_inode(**i, out);
 }
 
+void Filesystem::note_writeback_error(uint64_t ino, int err) {
+  if (auto i = inodes_.get(ino)) i->writeback_error.store(err);
+}
+
+int Filesystem::take_writeback_error(uint64_t ino) {
+  auto i = inodes_.get(ino);
+  return i ? i->writeback_error.exchange(0) : 0;
+}
+
 Status Filesystem::setattr(uint64_t ino, const struct stat& attr, int to_set, struct stat* out) {
   auto ip = inode(ino);
   if (!ip.ok()) return ip.status();

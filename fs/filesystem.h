@@ -85,6 +85,11 @@ class Filesystem {
   Status kill_suidgid(uint64_t ino);
   void forget(uint64_t ino, uint64_t n) { inodes_.forget(ino, n); }
   Status getattr(uint64_t ino, struct stat* out);
+  // A WRITE of the kernel's page cache (writeback) failed with `err`: nobody waits for its
+  // reply, and the kernel goes on taking writes into the cache, so the error is kept for the
+  // file's next writer (fuse_ops.cc). take_ returns it once, or 0.
+  void note_writeback_error(uint64_t ino, int err);
+  int take_writeback_error(uint64_t ino);
   Status setattr(uint64_t ino, const struct stat& attr, int to_set, struct stat* out);
   Status readlink(uint64_t ino, std::string* target);
   Status mknod(uint64_t parent, const char* name, mode_t mode, dev_t rdev, Caller who, Entry* out);

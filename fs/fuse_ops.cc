@@ -3,8 +3,10 @@
 #include "fs/fuse_ops.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <new>
@@ -21,6 +23,14 @@ namespace envelopefs {
 namespace {
 
 Filesystem& fs_of(fuse_req_t req) { return *static_cast<Filesystem*>(fuse_req_userdata(req)); }
+
+// libfuse 3.14 has no way from a request to its session.
+std::atomic<fuse_session*> notification_session{nullptr};
+
+// fi->fh of a regular file (directories hold a DirHandle there): whether this open may write.
+// A GETATTR that names the handle comes from the kernel's write path (or lseek, or a read
+// past the cached end) on that open.
+constexpr uint64_t kWritableHandle = 1;
 
 Filesystem::Caller caller(fuse_req_t req) {
   const fuse_ctx* c = fuse_req_ctx(req);
@@ -117,8 +127,14 @@ void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
   fuse_reply_none(req);
 }
 
-void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   guard(req, [&] {
+    // With the writeback cache, write() reaches us only as this refresh of the file's size
+    // and mode, which a failed writeback WRITE made stale (op_write): the writer learns of it
+    // here, as it would from write() on a local filesystem that ran out of space.
+    if (fi != nullptr && fi->fh == kWritableHandle) {
+      if (int err = fs_of(req).take_writeback_error(ino); err != 0) return (void)fuse_reply_err(req, err);
+    }
     struct stat st;
     Status s = fs_of(req).getattr(ino, &st);
     if (!s.ok()) return reply_status(req, s, "getattr", ino);
@@ -195,6 +211,7 @@ void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t n
 void set_open_flags(fuse_file_info* fi) {
   // We are the only writer of the cipher dir, so cached pages stay valid across opens.
   fi->keep_cache = 1;
+  fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? kWritableHandle : 0;
 }
 
 void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) {
@@ -240,11 +257,26 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
   });
 }
 
-void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info*) {
+// A WRITE of the kernel's page cache failed. The kernel keeps the error for the file's next
+// fsync or close, and meanwhile takes every write() into its cache as if there were room: a
+// writer that never syncs (`cat /dev/zero > f` on a full disk) would fill the cache and lose
+// it for ever. So the error is kept, and the file's attributes made stale: the kernel then
+// refreshes them (GETATTR naming the writer's handle, op_getattr) before the next write().
+// Attributes only (offset -1): no page is locked, so this is safe from a request handler.
+void note_writeback_error(fuse_req_t req, fuse_ino_t ino, int err) {
+  fs_of(req).note_writeback_error(ino, err);
+  if (fuse_session* se = notification_session.load()) (void)fuse_lowlevel_notify_inval_inode(se, ino, -1, 0);
+}
+
+void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off_t off, fuse_file_info* fi) {
   guard(req, [&] {
     Status s = request_kills_suidgid() ? fs_of(req).kill_suidgid(ino) : Status::Ok();
     if (s.ok()) s = fs_of(req).write(ino, static_cast<uint64_t>(off), {reinterpret_cast<const uint8_t*>(data), size});
-    if (!s.ok()) return reply_status(req, s, "write", ino);
+    if (!s.ok()) {
+      const int err = to_errno(s, "write", ino);
+      if (fi->writepage) note_writeback_error(req, ino, err);
+      return (void)fuse_reply_err(req, err);
+    }
     fuse_reply_write(req, size);
   });
 }
@@ -255,7 +287,9 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char* data, size_t size, off
 // FLUSH round trip per close (cp -r: one per file).
 void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) { fuse_reply_err(req, ENOSYS); }
 
-void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  // A writeback error kept for a writer (op_write) has been told by this close, if not before.
+  if (fi->fh == kWritableHandle) (void)fs_of(req).take_writeback_error(ino);
   fs_of(req).release(ino);
   fuse_reply_err(req, 0);
 }
@@ -454,6 +488,8 @@ fuse_lowlevel_ops make_table() {
 }
 
 }  // namespace
+
+void set_notification_session(fuse_session* se) { notification_session.store(se); }
 
 const fuse_lowlevel_ops& fuse_operations() {
   static const fuse_lowlevel_ops ops = make_table();

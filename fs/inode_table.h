@@ -92,6 +92,9 @@ struct Inode {
   uint64_t parent = 0;          // a directory holding this inode (last seen)
   bool entry_unsynced = false;  // created or renamed since that directory was fsynced
   int8_t default_acl = -1;      // directories: has a default ACL (1), has none (0), unknown (-1)
+  // The errno of a WRITE from the kernel's page cache that failed and that no writer has been
+  // told of yet (Filesystem::note_writeback_error); 0 if none.
+  std::atomic<int> writeback_error{0};
 
   // The descriptor, through InodeTable::path (which may have to open it again).
   std::mutex path_mu;                 // guards the four below

@@ -183,6 +183,7 @@ class SessionGuard {
   ~SessionGuard() {
     unmount();
     if (handlers_) fuse_remove_signal_handlers(se_);
+    set_notification_session(nullptr);
     fuse_session_destroy(se_);
   }
   bool install_signal_handlers() { return handlers_ = fuse_set_signal_handlers(se_) == 0; }
@@ -294,6 +295,7 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
   fuse_session* se = fuse_session_new(&args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &fs);
   if (se == nullptr) return fail(ready, o.foreground, "cannot start a FUSE session (bad -o option?)");
   SessionGuard session(se);
+  set_notification_session(se);
   if (!session.install_signal_handlers()) return fail(ready, o.foreground, "cannot install signal handlers");
   // Only now that the volume is open: had a wrong key refused it after the dead mount was
   // gone, the mountpoint would be left a plain directory for whatever writes there next.

@@ -678,6 +678,38 @@ class FileOps(VolumeTest):
                 r = run([BIN, "fsck", "-q", vol.cipher], check=False)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
+    def test_a_writer_that_never_syncs_is_told_the_disk_is_full(self):
+        # Under the writeback cache write() only fills the kernel's cache; the WRITEs that
+        # fail later were reported at fsync or close alone, so `cat /dev/zero > f` (or a
+        # logger) on a full volume wrote on for ever, its file's size growing past a terabyte
+        # while every byte past the disk's end was dropped. write() itself must say ENOSPC.
+        with self.volume_on_16_mib() as vol:
+            for name, writer in (("loop", None), ("dd", "dd")):
+                with self.subTest(writer=name):
+                    p = vol.path(name)
+                    if writer:
+                        r = subprocess.run(["timeout", "60", "dd", "if=/dev/zero", f"of={p}", "bs=1M"],
+                                           capture_output=True, text=True)
+                        self.assertEqual(r.returncode, 1, r.stderr)  # timeout's would be 124
+                        self.assertIn(f"error writing '{p}': No space left on device", r.stderr)
+                    else:
+                        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)
+                        written = 0
+                        with self.assertRaises(OSError) as cm:
+                            while written < 256 << 20:  # 16 times the disk
+                                written += os.write(fd, b"\xff" * (1 << 20))
+                        self.assertEqual(cm.exception.errno, errno.ENOSPC)
+                        with contextlib.suppress(OSError):  # close may say it again
+                            os.close(fd)
+                    os.unlink(p)
+            # What was there before is untouched, and so is the volume.
+            vol.remount()
+            self.assertEqual(read_file(vol.path("f")), b"before")
+            write_file(vol.path("after"), b"room again", fsync=True)
+            vol.unmount()
+            r = run([BIN, "fsck", "-q", vol.cipher], check=False)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
     def test_growth_past_what_the_backing_filesystem_holds_fails_at_once(self):
         # pjdfstest's truncate/12.t and ftruncate/12.t: a size past the maximum file size is
         # EFBIG or EINVAL (nothing else) and changes nothing. Growing writes one metadata page
