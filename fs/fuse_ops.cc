@@ -28,8 +28,8 @@ Filesystem& fs_of(fuse_req_t req) { return *static_cast<Filesystem*>(fuse_req_us
 std::atomic<fuse_session*> notification_session{nullptr};
 
 // fi->fh of a regular file (directories hold a DirHandle there): whether this open may write.
-// A GETATTR that names the handle comes from the kernel's write path (or lseek, or a read
-// past the cached end) on that open.
+// A GETATTR that names the handle comes from the kernel's write path (or lseek, or a read:
+// the kernel refreshes the size before each) on that open.
 constexpr uint64_t kWritableHandle = 1;
 
 Filesystem::Caller caller(fuse_req_t req) {
