@@ -16,10 +16,9 @@ import threading
 import time
 import unittest
 
-from common import BIN, Volume, flip_bits, main, read_file, run, wait_for, write_file
+from common import BIN, GROUP_BYTES, Volume, flip_bits, main, read_file, run, wait_for, write_file
 
 BS = 4096
-GROUP = 4096 + 31 * BS
 AUDIT = os.environ.get("ENVELOPEFS_AUDIT_LOG")
 
 
@@ -27,7 +26,7 @@ def pages_of(backing_file):
     """[(page MAC version, [DEK version of every non-empty slot])] for each metadata page."""
     data = read_file(backing_file)
     out = []
-    for off in range(0, len(data), GROUP):
+    for off in range(0, len(data), GROUP_BYTES):
         page = data[off:off + 4096]
         (mac_version,) = struct.unpack_from("<I", page, 36)
         versions = []
@@ -44,8 +43,8 @@ def data_digest(backing_file):
     """A digest of everything but the metadata pages: the ciphertext a re-wrap must not touch."""
     data = read_file(backing_file)
     h = hashlib.sha256()
-    for off in range(0, len(data), GROUP):
-        h.update(data[off + 4096:off + GROUP])
+    for off in range(0, len(data), GROUP_BYTES):
+        h.update(data[off + 4096:off + GROUP_BYTES])
     return h.hexdigest()
 
 
@@ -101,9 +100,9 @@ class DekRotationTest(unittest.TestCase):
             write_file(p(name), content)
         with open(p("sparse"), "wb") as f:  # holes, and a page in between written as all holes
             f.write(b"head")
-            f.seek(5 * GROUP)
+            f.seek(5 * GROUP_BYTES)
             f.write(b"tail")
-        files["sparse"] = b"head" + bytes(5 * GROUP - 4) + b"tail"
+        files["sparse"] = b"head" + bytes(5 * GROUP_BYTES - 4) + b"tail"
         with open(p("dir", "sub", "three-groups"), "r+b") as f:  # one block with both slots used
             f.seek(7 * BS)
             f.write(b"x" * BS)
