@@ -124,7 +124,8 @@ void cut(CutKind kind) {
   size_t writes = 0;
   for (auto& [ino, log] : g_files) {
     struct stat st;
-    const bool sized = log.fd >= 0 && fstat(log.fd, &st) == 0;
+    // The two kinds that keep changes past the fsynced length need the present size.
+    const bool sized = kind != CutKind::kInOrder && log.fd >= 0 && fstat(log.fd, &st) == 0;
     const uint64_t size_now = sized ? static_cast<uint64_t>(st.st_size) : 0;  // before the undo
     const uint64_t synced = log.undo.empty() ? 0 : log.undo.front().old_size;
     if (kind == CutKind::kDataBeforeLength && sized && !log.undo.empty() && size_now >= synced) {
