@@ -90,9 +90,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   if (fs->can_store_acls() && (conn->capable & acls) == acls) {
     conn->want |= acls;
     fs->use_posix_acls();
-  } else if (fs->options().posix_acls) {
-    log_info("POSIX ACLs are off: the daemon is not root, the backing filesystem keeps none, or the "
-             "kernel cannot leave the umask to the daemon");
+  } else if (fs->can_store_acls()) {
+    // The other reasons were said before the mount was ready (fs/mount.cc).
+    log_error("--acl: POSIX ACLs are off: the kernel cannot leave the umask to the daemon");
   }
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;

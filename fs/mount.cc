@@ -279,6 +279,16 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
     }
   }
   Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), fs_options);
+  // Said before the mount is ready, so that whoever asked for --acl reads it from `mount`
+  // itself (op_init, which runs after, says so only if the kernel is what refuses them).
+  if (fs_options.posix_acls && !fs.can_store_acls()) {
+    const std::string why =
+        std::string("--acl: POSIX ACLs are off: ") +
+        (geteuid() != 0 ? "the daemon is not root, and must be to reach every backing node"
+                        : "the backing filesystem of " + cipher + " keeps none");
+    log_error(why);
+    if (o.log_file.empty() && !o.foreground) std::fprintf(stderr, "envelopefs: %s\n", why.c_str());
+  }
   std::string no_budget;
   const bool budgeted = fs.inodes().limit_descriptors(fd_limit / 2, &no_budget);
 

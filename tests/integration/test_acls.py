@@ -194,7 +194,8 @@ class OnRamfs(AclsOff, unittest.TestCase):
         self.vol.mount("--acl")
 
     def test_the_mount_says_it_has_no_acls(self):
-        self.assertIn("POSIX ACLs are off", self.vol.log_text())
+        # Logged before `mount` returns (not at INIT, which comes after): no wait needed.
+        self.assertIn("--acl: POSIX ACLs are off: the backing filesystem of", self.vol.log_text())
 
 
 class WithoutAcl(AclsOff, VolumeTest):
