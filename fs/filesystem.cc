@@ -95,6 +95,12 @@ Filesystem::Filesystem(std::string cipher_dir, int root_fd, OpenedVolume volume,
       nonce_store_(nonce_store_of(config_)),
       root_fd_(root_fd) {}
 
+std::string Filesystem::acl_refusal() const {
+  if (!options_.posix_acls || acl_capable_) return "";
+  return as_root_ ? "the backing filesystem of " + cipher_dir_ + " keeps none"
+                  : "the daemon is not root, and must be to reach every backing node";
+}
+
 Result<std::shared_ptr<Inode>> Filesystem::inode(uint64_t ino) {
   auto i = inodes_.get(ino);
   if (!i) return Status::Io(ESTALE, "unknown inode " + std::to_string(ino));

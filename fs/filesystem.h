@@ -67,6 +67,9 @@ class Filesystem {
   // mount asks for them (FsOptions::posix_acls); on once
   // INIT has settled them with the kernel (use_posix_acls), which checks them itself.
   bool can_store_acls() const { return acl_capable_; }
+  // Why the ACLs the mount asked for cannot be kept here; empty when they can, or were not
+  // asked for. The kernel's own refusal comes later, at INIT.
+  std::string acl_refusal() const;
   void use_posix_acls() { posix_acls_ = true; }
   bool posix_acls() const { return posix_acls_; }
 

@@ -50,6 +50,13 @@ int fail(ReadyPipe& ready, bool foreground, const std::string& msg) {
   return 1;
 }
 
+// A warning before the mount is ready: logged, and on the terminal of whoever ran `mount`
+// unless it goes to their log file (in the foreground the log is that terminal already).
+void warn_before_ready(const MountOptions& o, const std::string& why) {
+  log_error(why);
+  if (o.log_file.empty() && !o.foreground) std::fprintf(stderr, "envelopefs: %s\n", why.c_str());
+}
+
 // The kernel starts a FUSE mount's readahead at 128 KiB and only ever lowers it at INIT, so
 // the 1 MiB we ask for in op_init needs the bdi's knob raised first (root only; best effort).
 // The device comes from mountinfo: a stat() of the mountpoint would wait for INIT, which only
@@ -274,20 +281,14 @@ int serve(const MountOptions& o, ReadyPipe& ready) {
       fs_options.direct_backing = false;
       const std::string why = "--direct-backing: the backing filesystem of " + cipher +
                               " does not do O_DIRECT I/O (" + st.to_string() + "); using its page cache";
-      log_error(why);
-      if (o.log_file.empty() && !o.foreground) std::fprintf(stderr, "envelopefs: %s\n", why.c_str());
+      warn_before_ready(o, why);
     }
   }
   Filesystem fs(cipher, root_fd, std::move(volume).value(), std::move(io), fs_options);
   // Said before the mount is ready, so that whoever asked for --acl reads it from `mount`
   // itself (op_init, which runs after, says so only if the kernel is what refuses them).
-  if (fs_options.posix_acls && !fs.can_store_acls()) {
-    const std::string why =
-        std::string("--acl: POSIX ACLs are off: ") +
-        (geteuid() != 0 ? "the daemon is not root, and must be to reach every backing node"
-                        : "the backing filesystem of " + cipher + " keeps none");
-    log_error(why);
-    if (o.log_file.empty() && !o.foreground) std::fprintf(stderr, "envelopefs: %s\n", why.c_str());
+  if (std::string why = fs.acl_refusal(); !why.empty()) {
+    warn_before_ready(o, "--acl: POSIX ACLs are off: " + why);
   }
   std::string no_budget;
   const bool budgeted = fs.inodes().limit_descriptors(fd_limit / 2, &no_budget);
